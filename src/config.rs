@@ -1,0 +1,274 @@
+//! Typed configuration for `s3csi mount`.
+//!
+//! `main.rs` owns the clap definitions; everything else sees only the validated types here.
+//! Every value is parsed once into a newtype, so a bad bucket name, prefix, size or mode is
+//! rejected before anything touches S3 or the kernel.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+/// A configuration value that failed validation. The message names the value and the rule.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+/// An S3 bucket name (the general-purpose rules: 3-63 chars, lowercase letters, digits, `.`, `-`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct BucketName(String);
+
+impl BucketName {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl FromStr for BucketName {
+    type Err = ConfigError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = |why: &str| Err(ConfigError(format!("invalid bucket name {s:?}: {why}")));
+        if s.len() < 3 || s.len() > 63 {
+            return bad("must be 3 to 63 characters long");
+        }
+        if !s.bytes().all(|b| {
+            b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'-' || b == b'_'
+        }) {
+            return bad("only lowercase letters, digits, '.', '-' and '_' are allowed");
+        }
+        let first = s.as_bytes()[0];
+        let last = s.as_bytes()[s.len() - 1];
+        if !first.is_ascii_alphanumeric() || !last.is_ascii_alphanumeric() {
+            return bad("must start and end with a letter or digit");
+        }
+        if s.contains("..") {
+            return bad("must not contain '..'");
+        }
+        Ok(BucketName(s.to_owned()))
+    }
+}
+
+impl fmt::Display for BucketName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A key prefix that a mount is confined to. Empty, or non-empty and ending in `/`.
+///
+/// `--prefix data` and `--prefix data/` both mean the directory `data/`; a leading `/` is
+/// rejected because S3 keys rarely start with one and it is almost always a mistake.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+pub struct Prefix(String);
+
+impl Prefix {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl FromStr for Prefix {
+    type Err = ConfigError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s.is_empty() {
+            return Ok(Prefix::default());
+        }
+        if s.starts_with('/') {
+            return Err(ConfigError(format!(
+                "invalid prefix {s:?}: must not start with '/'"
+            )));
+        }
+        let trimmed = s.trim_end_matches('/');
+        if trimmed
+            .split('/')
+            .any(|seg| seg.is_empty() || seg == "." || seg == "..")
+        {
+            return Err(ConfigError(format!(
+                "invalid prefix {s:?}: segments must not be empty, '.' or '..'"
+            )));
+        }
+        if s.len() > 512 {
+            return Err(ConfigError(format!(
+                "invalid prefix {s:?}: longer than 512 bytes"
+            )));
+        }
+        Ok(Prefix(format!("{trimmed}/")))
+    }
+}
+
+impl fmt::Display for Prefix {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A size in bytes, written as plain bytes or with a binary/decimal suffix (`512MiB`, `10GiB`, `64k`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ByteSize(pub u64);
+
+impl FromStr for ByteSize {
+    type Err = ConfigError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let t = s.trim();
+        let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+        let (num, unit) = t.split_at(split);
+        let bad = || {
+            ConfigError(format!(
+                "invalid size {s:?}: expected e.g. 1048576, 512MiB, 10GiB"
+            ))
+        };
+        let n: u64 = num.parse().map_err(|_| bad())?;
+        let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+            "" | "b" => 1,
+            "k" | "kib" | "ki" => 1 << 10,
+            "m" | "mib" | "mi" => 1 << 20,
+            "g" | "gib" | "gi" => 1 << 30,
+            "t" | "tib" | "ti" => 1 << 40,
+            "kb" => 1_000,
+            "mb" => 1_000_000,
+            "gb" => 1_000_000_000,
+            "tb" => 1_000_000_000_000,
+            _ => return Err(bad()),
+        };
+        n.checked_mul(mult).map(ByteSize).ok_or_else(bad)
+    }
+}
+
+/// Permission bits for files or directories, parsed from octal (`644`, `0755`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Mode(pub u16);
+
+impl FromStr for Mode {
+    type Err = ConfigError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let digits = s.strip_prefix("0o").unwrap_or(s);
+        match u16::from_str_radix(digits, 8) {
+            Ok(m) if m <= 0o7777 => Ok(Mode(m)),
+            _ => Err(ConfigError(format!(
+                "invalid mode {s:?}: expected octal permission bits such as 0644"
+            ))),
+        }
+    }
+}
+
+/// Where and how to reach S3. Credentials are never stored here: they come from the AWS chain.
+#[derive(Debug, Clone, Default)]
+pub struct S3Config {
+    pub endpoint_url: Option<String>,
+    pub region: Option<String>,
+    pub force_path_style: bool,
+    pub ca_bundle: Option<PathBuf>,
+}
+
+/// Ownership and permission bits reported for every inode.
+#[derive(Debug, Clone, Copy)]
+pub struct Ownership {
+    pub uid: u32,
+    pub gid: u32,
+    pub file_mode: u16,
+    pub dir_mode: u16,
+}
+
+/// Block cache sizing.
+#[derive(Debug, Clone)]
+pub struct CacheConfig {
+    pub memory_bytes: u64,
+    pub disk_dir: Option<PathBuf>,
+    pub disk_bytes: u64,
+}
+
+/// Filesystem behaviour.
+#[derive(Debug, Clone)]
+pub struct FsConfig {
+    pub prefix: Prefix,
+    pub read_only: bool,
+    pub ownership: Ownership,
+    pub metadata_ttl: Duration,
+}
+
+/// Everything `s3csi mount` needs.
+#[derive(Debug, Clone)]
+pub struct MountConfig {
+    pub bucket: BucketName,
+    pub mountpoint: PathBuf,
+    pub s3: S3Config,
+    pub fs: FsConfig,
+    pub cache: CacheConfig,
+    pub allow_other: bool,
+    pub foreground: bool,
+    /// Where a background mount writes its log once detached (otherwise discarded).
+    pub log_file: Option<PathBuf>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use test_case::test_case;
+
+    #[test_case("512MiB", 512 << 20)]
+    #[test_case("10GiB", 10 << 30)]
+    #[test_case("4096", 4096)]
+    #[test_case("64k", 64 << 10)]
+    #[test_case("1GB", 1_000_000_000)]
+    #[test_case(" 2 MiB", 2 << 20)]
+    fn sizes_parse(input: &str, want: u64) {
+        assert_eq!(input.parse::<ByteSize>().unwrap(), ByteSize(want));
+    }
+
+    #[test_case("")]
+    #[test_case("MiB")]
+    #[test_case("12 parsecs")]
+    #[test_case("-1")]
+    #[test_case("99999999999999999999GiB")]
+    fn bad_sizes_fail(input: &str) {
+        assert!(input.parse::<ByteSize>().is_err());
+    }
+
+    #[test_case("data", "data/")]
+    #[test_case("data/", "data/")]
+    #[test_case("a/b/c", "a/b/c/")]
+    #[test_case("", "")]
+    fn prefixes_normalise(input: &str, want: &str) {
+        assert_eq!(input.parse::<Prefix>().unwrap().as_str(), want);
+    }
+
+    #[test_case("/data")]
+    #[test_case("a//b")]
+    #[test_case("a/../b")]
+    #[test_case("./a")]
+    fn bad_prefixes_fail(input: &str) {
+        assert!(input.parse::<Prefix>().is_err());
+    }
+
+    #[test_case("my-bucket", true)]
+    #[test_case("ab", false)]
+    #[test_case("My-Bucket", false)]
+    #[test_case("-bucket", false)]
+    #[test_case("a..b", false)]
+    #[test_case("bucket.with.dots", true)]
+    fn bucket_names(input: &str, ok: bool) {
+        assert_eq!(input.parse::<BucketName>().is_ok(), ok);
+    }
+
+    #[test_case("644", 0o644)]
+    #[test_case("0755", 0o755)]
+    #[test_case("0o600", 0o600)]
+    fn modes_parse(input: &str, want: u16) {
+        assert_eq!(input.parse::<Mode>().unwrap(), Mode(want));
+    }
+
+    #[test]
+    fn bad_modes_fail() {
+        assert!("999".parse::<Mode>().is_err());
+        assert!("rw-r--r--".parse::<Mode>().is_err());
+        assert!("77777".parse::<Mode>().is_err());
+    }
+}

@@ -1,0 +1,259 @@
+//! Running one mount: preflight checks, the FUSE session, readiness and clean shutdown.
+//!
+//! `s3csi mount` without `--foreground` re-executes itself with `--foreground` in a new session
+//! and waits: the child prints [`READY_LINE`] on stdout once the kernel mount exists, and the
+//! parent exits 0; if the child exits first, the parent prints the child's error line and exits
+//! non-zero. All checks (mountpoint, bucket, credentials) run before anything is mounted, so a
+//! failure leaves nothing half-mounted behind.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+
+use anyhow::{Context, bail};
+use fuser::MountOption;
+
+use crate::cache::{BlockCache, DiskTier};
+use crate::config::MountConfig;
+use crate::fs::S3Fs;
+use crate::fs::fuse::FuseAdapter;
+use crate::s3::aws::{AwsStore, build_client};
+use crate::s3::{ObjectStore, S3Error};
+
+/// What the detached child prints on stdout when the mount is live.
+pub const READY_LINE: &str = "s3csi-mount-ready";
+/// Environment variable telling a `--foreground` child that a parent waits for readiness.
+pub const NOTIFY_ENV: &str = "S3CSI_NOTIFY_READY";
+/// Prefix of the one-line error a failing mount prints on stderr.
+pub const ERROR_PREFIX: &str = "s3csi: error:";
+
+/// Checks that `path` is an existing directory that is not already a mount point.
+pub fn check_mountpoint(path: &Path) -> anyhow::Result<PathBuf> {
+    let meta = std::fs::metadata(path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => anyhow::anyhow!("mountpoint {} does not exist; create it first", path.display()),
+        std::io::ErrorKind::NotConnected => anyhow::anyhow!(
+            "mountpoint {} is a dead FUSE mount (transport endpoint is not connected); run `umount {}` first",
+            path.display(),
+            path.display()
+        ),
+        _ => anyhow::anyhow!("cannot access mountpoint {}: {e}", path.display()),
+    })?;
+    if !meta.is_dir() {
+        bail!("mountpoint {} is not a directory", path.display());
+    }
+    let canonical = path
+        .canonicalize()
+        .with_context(|| format!("cannot resolve mountpoint {}", path.display()))?;
+    if is_mount_point(&canonical)? {
+        bail!(
+            "mountpoint {} is busy: something is already mounted there; unmount it first",
+            canonical.display()
+        );
+    }
+    Ok(canonical)
+}
+
+/// Whether `path` (canonical) appears as a mount point in /proc/self/mountinfo.
+pub fn is_mount_point(path: &Path) -> anyhow::Result<bool> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo")
+        .context("cannot read /proc/self/mountinfo")?;
+    let want = path.to_string_lossy();
+    Ok(info.lines().any(|l| {
+        l.split(' ')
+            .nth(4)
+            .is_some_and(|mp| unescape_mountinfo(mp) == want)
+    }))
+}
+
+fn unescape_mountinfo(s: &str) -> String {
+    s.replace("\\040", " ")
+        .replace("\\011", "\t")
+        .replace("\\012", "\n")
+        .replace("\\134", "\\")
+}
+
+/// Turns an S3 error from the access check into the message a user can act on.
+pub fn describe_access_error(e: &S3Error, bucket: &str, endpoint: Option<&str>) -> String {
+    let at = endpoint.map(|u| format!(" at {u}")).unwrap_or_default();
+    match e {
+        S3Error::NoSuchBucket(_) => {
+            format!("bucket {bucket:?} does not exist{at}; create it or check the name")
+        }
+        S3Error::AccessDenied(why) => format!(
+            "access denied to bucket {bucket:?}{at} ({why}); check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY \
+             (or the profile in use) and the bucket policy"
+        ),
+        S3Error::Unreachable(why) => {
+            format!("cannot reach the S3 endpoint{at}: {why}; check --endpoint-url and the network")
+        }
+        other => format!("cannot list bucket {bucket:?}{at}: {other}"),
+    }
+}
+
+/// The parent side of a background mount: spawn the foreground child and wait for readiness.
+pub fn spawn_background(args: Vec<std::ffi::OsString>) -> anyhow::Result<()> {
+    let exe = std::env::current_exe().context("cannot find the s3csi executable")?;
+    let mut cmd = Command::new(exe);
+    cmd.args(args).arg("--foreground").env(NOTIFY_ENV, "1");
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    // SAFETY: setsid is async-signal-safe and touches no memory; it detaches the daemon from the
+    // caller's terminal and process group so Ctrl-C in the shell does not kill the mount.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::setsid() < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().context("cannot start the mount process")?;
+    let stdout = child.stdout.take().expect("stdout is piped");
+    let mut stderr = child.stderr.take().expect("stderr is piped");
+    let errors = std::thread::spawn(move || {
+        let mut buf = String::new();
+        let _ = stderr.read_to_string(&mut buf);
+        buf
+    });
+    let mut line = String::new();
+    let _ = BufReader::new(stdout).read_line(&mut line);
+    if line.trim() == READY_LINE {
+        return Ok(());
+    }
+    let status = child.wait().context("cannot wait for the mount process")?;
+    let log = errors.join().unwrap_or_default();
+    let message = log
+        .lines()
+        .filter_map(|l| l.strip_prefix(ERROR_PREFIX))
+        .next_back()
+        .map(|m| m.trim().to_owned())
+        .unwrap_or_else(|| {
+            format!(
+                "mount process exited with {status} before the mount was ready: {}",
+                log.trim()
+            )
+        });
+    bail!("{message}")
+}
+
+/// Runs a mount in this process until it is unmounted or receives SIGTERM/SIGINT.
+pub fn run_foreground(config: MountConfig, notify_ready: bool) -> anyhow::Result<()> {
+    let mountpoint = check_mountpoint(&config.mountpoint)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("s3csi-worker")
+        .build()
+        .context("cannot start the async runtime")?;
+    let store = rt.block_on(async {
+        let client = build_client(&config.s3).await?;
+        let store = AwsStore::new(client, config.bucket.as_str());
+        store
+            .check_access(config.fs.prefix.as_str())
+            .await
+            .map_err(|e| {
+                anyhow::anyhow!(describe_access_error(
+                    &e,
+                    config.bucket.as_str(),
+                    config.s3.endpoint_url.as_deref()
+                ))
+            })?;
+        anyhow::Ok(store)
+    })?;
+    let disk = match &config.cache.disk_dir {
+        Some(dir) => Some(
+            DiskTier::new(dir, config.cache.disk_bytes)
+                .map_err(|e| anyhow::anyhow!("cannot use --cache-dir {}: {e}", dir.display()))?,
+        ),
+        None => None,
+    };
+    let cache = Arc::new(BlockCache::new(config.cache.memory_bytes, disk));
+    let fs = Arc::new(S3Fs::new(Arc::new(store), cache, config.fs.clone()));
+    let adapter = FuseAdapter::new(fs, rt.handle().clone());
+
+    let mut options = vec![
+        MountOption::FSName(format!("s3csi:{}", config.bucket)),
+        MountOption::Subtype("s3csi".into()),
+        MountOption::DefaultPermissions,
+        MountOption::NoDev,
+        MountOption::NoSuid,
+        MountOption::NoAtime,
+    ];
+    if config.fs.read_only {
+        options.push(MountOption::RO);
+    }
+    if config.allow_other {
+        options.push(MountOption::AllowOther);
+    }
+    let mut session = fuser::Session::new(adapter, &mountpoint, &options)
+        .map_err(|e| anyhow::anyhow!("cannot mount at {}: {e}", mountpoint.display()))?;
+    let mut unmounter = session.unmount_callable();
+    tracing::info!(bucket = %config.bucket, prefix = %config.fs.prefix, mountpoint = %mountpoint.display(), "mounted");
+
+    if notify_ready {
+        let mut out = std::io::stdout();
+        let _ = writeln!(out, "{READY_LINE}");
+        let _ = out.flush();
+        detach_stdio(config.log_file.as_deref());
+    }
+
+    let session_thread = std::thread::Builder::new()
+        .name("s3csi-fuse".into())
+        .spawn(move || session.run())
+        .context("cannot start the FUSE session thread")?;
+
+    let (done_tx, mut done_rx) = tokio::sync::oneshot::channel::<()>();
+    let waiter = std::thread::spawn(move || {
+        let r = session_thread.join();
+        let _ = done_tx.send(());
+        r
+    });
+    rt.block_on(async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler can be installed");
+        tokio::select! {
+            _ = &mut done_rx => tracing::info!("unmounted; exiting"),
+            _ = term.recv() => tracing::info!("SIGTERM received; unmounting"),
+            _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received; unmounting"),
+        }
+    });
+    if !is_mount_point(&mountpoint).unwrap_or(false) {
+        // Already gone (umount from outside).
+    } else if let Err(e) = unmounter.unmount() {
+        tracing::warn!(error = %e, "unmount failed (busy?); detaching lazily");
+        let c = std::ffi::CString::new(mountpoint.to_string_lossy().as_bytes())
+            .expect("path has no NUL");
+        // SAFETY: umount2 with a valid NUL-terminated path.
+        unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+    }
+    match waiter.join() {
+        Ok(Ok(Ok(()))) => Ok(()),
+        Ok(Ok(Err(e))) => Err(anyhow::anyhow!("FUSE session failed: {e}")),
+        _ => Err(anyhow::anyhow!("FUSE session thread panicked")),
+    }
+}
+
+/// After readiness, stop writing to the parent's pipes: stdout goes to /dev/null, stderr (the
+/// log) to `log_file` if given, otherwise /dev/null.
+fn detach_stdio(log_file: Option<&Path>) {
+    let open = |p: &Path, append: bool| {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .append(append)
+            .create(append)
+            .open(p)
+    };
+    let devnull = open(Path::new("/dev/null"), false);
+    let log = log_file.and_then(|p| open(p, true).ok());
+    if let Ok(null) = devnull {
+        use std::os::fd::AsRawFd;
+        let err_target = log.as_ref().map_or(null.as_raw_fd(), |f| f.as_raw_fd());
+        // SAFETY: dup2 onto the standard descriptors with fds we own for the duration of the call.
+        unsafe {
+            libc::dup2(null.as_raw_fd(), 1);
+            libc::dup2(err_target, 2);
+        }
+    }
+}

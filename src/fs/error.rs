@@ -1,0 +1,60 @@
+//! [`FsError`]: every way a filesystem operation fails, and its single mapping to an errno.
+
+use crate::s3::S3Error;
+
+#[derive(Debug, thiserror::Error)]
+pub enum FsError {
+    #[error("no such file or directory")]
+    NotFound,
+    #[error("not a directory")]
+    NotDir,
+    #[error("is a directory")]
+    IsDir,
+    #[error("read-only file system (mounted with --read-only)")]
+    ReadOnly,
+    #[error("the object changed on the server while it was open; reopen the file")]
+    ObjectChanged,
+    #[error("access denied by S3: {0}")]
+    AccessDenied(String),
+    #[error("invalid file handle")]
+    BadHandle,
+    #[error("operation not supported: {0}")]
+    NotSupported(&'static str),
+    #[error(transparent)]
+    Store(S3Error),
+}
+
+impl FsError {
+    pub fn errno(&self) -> libc::c_int {
+        match self {
+            FsError::NotFound => libc::ENOENT,
+            FsError::NotDir => libc::ENOTDIR,
+            FsError::IsDir => libc::EISDIR,
+            FsError::ReadOnly => libc::EROFS,
+            FsError::ObjectChanged => libc::ESTALE, // ETag no longer matches
+            FsError::AccessDenied(_) => libc::EACCES,
+            FsError::BadHandle => libc::EBADF,
+            FsError::NotSupported(_) => libc::ENOTSUP,
+            FsError::Store(_) => libc::EIO,
+        }
+    }
+
+    /// Expected misses are logged quietly; everything else at `warn`.
+    pub fn is_expected(&self) -> bool {
+        matches!(
+            self,
+            FsError::NotFound | FsError::ReadOnly | FsError::NotDir | FsError::IsDir
+        )
+    }
+}
+
+impl From<S3Error> for FsError {
+    fn from(e: S3Error) -> Self {
+        match e {
+            S3Error::NotFound(_) => FsError::NotFound,
+            S3Error::AccessDenied(why) => FsError::AccessDenied(why),
+            S3Error::PreconditionFailed(_) => FsError::ObjectChanged,
+            other => FsError::Store(other),
+        }
+    }
+}

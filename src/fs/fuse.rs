@@ -1,0 +1,352 @@
+//! [`FuseAdapter`]: the thin edge between fuser and [`S3Fs`].
+//!
+//! Each callback opens a span, hands the request to a tokio task (fuser calls us on its own
+//! thread; the task owns the `Reply*`, so slow S3 calls never block other requests), and replies
+//! with data or an errno. No filesystem logic lives here.
+
+use std::ffi::OsStr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use fuser::{
+    FileAttr, FileType, Filesystem, KernelConfig, ReplyAttr, ReplyCreate, ReplyData,
+    ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request, TimeOrNow,
+};
+use tokio::runtime::Handle;
+use tracing::Instrument;
+
+use super::inode::Kind;
+use super::{Attr, FsError, REPORTED_BLOCK_SIZE, S3Fs};
+use crate::s3::ObjectStore;
+
+/// Largest read/write the kernel sends us (needs FUSE_MAX_PAGES): 1 MiB, one cache block.
+const MAX_IO_BYTES: u32 = 1 << 20;
+/// Kernel readahead per file; the prefetcher does the real read-ahead, so this only needs to
+/// be large enough for the kernel to send full-size requests.
+const MAX_READAHEAD_BYTES: u32 = 1 << 20;
+/// Outstanding background (readahead) requests the kernel may queue; more lets sequential
+/// readers keep several blocks in flight.
+const MAX_BACKGROUND: u16 = 64;
+
+pub struct FuseAdapter<S> {
+    fs: Arc<S3Fs<S>>,
+    rt: Handle,
+}
+
+impl<S: ObjectStore> FuseAdapter<S> {
+    pub fn new(fs: Arc<S3Fs<S>>, rt: Handle) -> Self {
+        FuseAdapter { fs, rt }
+    }
+
+    fn spawn<F>(&self, span: tracing::Span, fut: F)
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        self.rt.spawn(fut.instrument(span));
+    }
+}
+
+fn file_attr(a: &Attr) -> FileAttr {
+    FileAttr {
+        ino: a.ino,
+        size: a.size,
+        blocks: a.size.div_ceil(u64::from(REPORTED_BLOCK_SIZE))
+            * u64::from(REPORTED_BLOCK_SIZE / 512),
+        atime: a.mtime,
+        mtime: a.mtime,
+        ctime: a.mtime,
+        crtime: a.mtime,
+        kind: file_type(a.kind),
+        perm: a.perm,
+        nlink: a.nlink,
+        uid: a.uid,
+        gid: a.gid,
+        rdev: 0,
+        blksize: REPORTED_BLOCK_SIZE,
+        flags: 0,
+    }
+}
+
+fn file_type(k: Kind) -> FileType {
+    match k {
+        Kind::File => FileType::RegularFile,
+        Kind::Dir => FileType::Directory,
+    }
+}
+
+/// Logs an error once, at the edge, and returns its errno.
+fn errno(op: &str, e: &FsError) -> i32 {
+    if e.is_expected() {
+        tracing::debug!(op, error = %e, "operation failed");
+    } else {
+        tracing::warn!(op, error = %e, "operation failed");
+    }
+    e.errno()
+}
+
+fn name_str(name: &OsStr) -> Option<String> {
+    name.to_str().map(str::to_owned)
+}
+
+impl<S: ObjectStore> Filesystem for FuseAdapter<S> {
+    fn init(&mut self, _req: &Request<'_>, config: &mut KernelConfig) -> Result<(), libc::c_int> {
+        let _ = config.set_max_readahead(MAX_READAHEAD_BYTES);
+        let _ = config.set_max_write(MAX_IO_BYTES);
+        let _ = config.set_max_background(MAX_BACKGROUND);
+        let _ = config.set_congestion_threshold(MAX_BACKGROUND * 3 / 4);
+        Ok(())
+    }
+
+    fn lookup(&mut self, _req: &Request<'_>, parent: u64, name: &OsStr, reply: ReplyEntry) {
+        let fs = Arc::clone(&self.fs);
+        let Some(name) = name_str(name) else {
+            return reply.error(libc::ENOENT);
+        };
+        let span = tracing::debug_span!("lookup", ino = parent, name = %name);
+        self.spawn(span, async move {
+            match fs.lookup(parent, &name).await {
+                Ok(a) => reply.entry(&fs.ttl(), &file_attr(&a), 0),
+                Err(e) => reply.error(errno("lookup", &e)),
+            }
+        });
+    }
+
+    fn forget(&mut self, _req: &Request<'_>, ino: u64, nlookup: u64) {
+        self.fs.forget(ino, nlookup);
+    }
+
+    fn getattr(&mut self, _req: &Request<'_>, ino: u64, _fh: Option<u64>, reply: ReplyAttr) {
+        let fs = Arc::clone(&self.fs);
+        self.spawn(tracing::debug_span!("getattr", ino), async move {
+            match fs.getattr(ino).await {
+                Ok(a) => reply.attr(&fs.ttl(), &file_attr(&a)),
+                Err(e) => reply.error(errno("getattr", &e)),
+            }
+        });
+    }
+
+    fn open(&mut self, req: &Request<'_>, ino: u64, flags: i32, reply: ReplyOpen) {
+        let fs = Arc::clone(&self.fs);
+        self.spawn(
+            tracing::debug_span!("open", ino, pid = req.pid()),
+            async move {
+                match fs.open(ino, flags).await {
+                    Ok(fh) => reply.opened(fh, 0),
+                    Err(e) => reply.error(errno("open", &e)),
+                }
+            },
+        );
+    }
+
+    fn read(
+        &mut self,
+        _req: &Request<'_>,
+        ino: u64,
+        fh: u64,
+        offset: i64,
+        size: u32,
+        _flags: i32,
+        _lock_owner: Option<u64>,
+        reply: ReplyData,
+    ) {
+        let fs = Arc::clone(&self.fs);
+        let Ok(offset) = u64::try_from(offset) else {
+            return reply.error(libc::EINVAL);
+        };
+        self.spawn(
+            tracing::trace_span!("read", ino, fh, offset, size),
+            async move {
+                match fs.read(fh, offset, size).await {
+                    Ok(parts) if parts.len() == 1 => reply.data(&parts[0]),
+                    Ok(parts) => reply.data(&parts.concat()),
+                    Err(e) => reply.error(errno("read", &e)),
+                }
+            },
+        );
+    }
+
+    fn release(
+        &mut self,
+        _req: &Request<'_>,
+        _ino: u64,
+        fh: u64,
+        _flags: i32,
+        _lock_owner: Option<u64>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.fs.release(fh);
+        reply.ok();
+    }
+
+    fn opendir(&mut self, _req: &Request<'_>, ino: u64, _flags: i32, reply: ReplyOpen) {
+        let fs = Arc::clone(&self.fs);
+        self.spawn(tracing::debug_span!("opendir", ino), async move {
+            match fs.opendir(ino).await {
+                Ok(fh) => reply.opened(fh, 0),
+                Err(e) => reply.error(errno("opendir", &e)),
+            }
+        });
+    }
+
+    fn readdir(
+        &mut self,
+        _req: &Request<'_>,
+        ino: u64,
+        fh: u64,
+        offset: i64,
+        mut reply: ReplyDirectory,
+    ) {
+        let _span = tracing::debug_span!("readdir", ino, fh, offset).entered();
+        match self.fs.readdir(ino, fh, offset.max(0) as u64) {
+            Ok(entries) => {
+                for (next, e) in entries {
+                    if reply.add(e.ino, next as i64, file_type(e.kind), &e.name) {
+                        break;
+                    }
+                }
+                reply.ok();
+            }
+            Err(e) => reply.error(errno("readdir", &e)),
+        }
+    }
+
+    fn releasedir(
+        &mut self,
+        _req: &Request<'_>,
+        _ino: u64,
+        fh: u64,
+        _flags: i32,
+        reply: ReplyEmpty,
+    ) {
+        self.fs.releasedir(fh);
+        reply.ok();
+    }
+
+    fn statfs(&mut self, _req: &Request<'_>, _ino: u64, reply: ReplyStatfs) {
+        let s = self.fs.statfs();
+        reply.statfs(
+            s.blocks, s.bfree, s.bavail, s.files, s.ffree, s.bsize, s.namelen, s.bsize,
+        );
+    }
+
+    // --- Changes to the namespace or data. ---
+
+    fn setattr(
+        &mut self,
+        _req: &Request<'_>,
+        _ino: u64,
+        _mode: Option<u32>,
+        _uid: Option<u32>,
+        _gid: Option<u32>,
+        _size: Option<u64>,
+        _atime: Option<TimeOrNow>,
+        _mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        _fh: Option<u64>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<u32>,
+        reply: ReplyAttr,
+    ) {
+        reply.error(errno("setattr", &self.fs.refuse_write("setattr")));
+    }
+
+    fn mknod(
+        &mut self,
+        _req: &Request<'_>,
+        _parent: u64,
+        _name: &OsStr,
+        _mode: u32,
+        _umask: u32,
+        _rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        reply.error(errno("mknod", &self.fs.refuse_write("mknod")));
+    }
+
+    fn mkdir(
+        &mut self,
+        _req: &Request<'_>,
+        _parent: u64,
+        _name: &OsStr,
+        _mode: u32,
+        _umask: u32,
+        reply: ReplyEntry,
+    ) {
+        reply.error(errno("mkdir", &self.fs.refuse_write("mkdir")));
+    }
+
+    fn unlink(&mut self, _req: &Request<'_>, _parent: u64, _name: &OsStr, reply: ReplyEmpty) {
+        reply.error(errno("unlink", &self.fs.refuse_write("unlink")));
+    }
+
+    fn rmdir(&mut self, _req: &Request<'_>, _parent: u64, _name: &OsStr, reply: ReplyEmpty) {
+        reply.error(errno("rmdir", &self.fs.refuse_write("rmdir")));
+    }
+
+    fn symlink(
+        &mut self,
+        _req: &Request<'_>,
+        _parent: u64,
+        _name: &OsStr,
+        _target: &Path,
+        reply: ReplyEntry,
+    ) {
+        reply.error(errno("symlink", &self.fs.refuse_write("symlink")));
+    }
+
+    fn rename(
+        &mut self,
+        _req: &Request<'_>,
+        _parent: u64,
+        _name: &OsStr,
+        _newparent: u64,
+        _newname: &OsStr,
+        _flags: u32,
+        reply: ReplyEmpty,
+    ) {
+        reply.error(errno("rename", &self.fs.refuse_write("rename")));
+    }
+
+    fn link(
+        &mut self,
+        _req: &Request<'_>,
+        _ino: u64,
+        _newparent: u64,
+        _newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
+        reply.error(errno("link", &self.fs.refuse_write("link")));
+    }
+
+    fn write(
+        &mut self,
+        _req: &Request<'_>,
+        _ino: u64,
+        _fh: u64,
+        _offset: i64,
+        _data: &[u8],
+        _write_flags: u32,
+        _flags: i32,
+        _lock_owner: Option<u64>,
+        reply: ReplyWrite,
+    ) {
+        reply.error(errno("write", &self.fs.refuse_write("write")));
+    }
+
+    fn create(
+        &mut self,
+        _req: &Request<'_>,
+        _parent: u64,
+        _name: &OsStr,
+        _mode: u32,
+        _umask: u32,
+        _flags: i32,
+        reply: ReplyCreate,
+    ) {
+        reply.error(errno("create", &self.fs.refuse_write("create")));
+    }
+}

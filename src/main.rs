@@ -1,0 +1,175 @@
+//! The `s3csi` command line: parse, set up logging, run.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use s3csi::config::{
+    BucketName, ByteSize, CacheConfig, FsConfig, Mode, MountConfig, Ownership, Prefix, S3Config,
+};
+use s3csi::daemon;
+use tracing_subscriber::EnvFilter;
+
+/// Default memory tier of the block cache.
+const DEFAULT_MEMORY_CACHE: &str = "256MiB";
+/// Default bound of the disk tier when `--cache-dir` is given without `--max-cache-size`.
+const DEFAULT_DISK_CACHE: &str = "1GiB";
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "s3csi",
+    version,
+    about = "Mount S3 buckets with FUSE; Kubernetes CSI driver for S3"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Mount a bucket (or a prefix of it) at a directory.
+    Mount(MountArgs),
+}
+
+#[derive(Args, Debug)]
+struct MountArgs {
+    /// Bucket to mount.
+    bucket: BucketName,
+    /// Existing empty directory to mount at.
+    mountpoint: PathBuf,
+    /// Mount only the keys under this prefix (a trailing `/` is implied).
+    #[arg(long, value_name = "P")]
+    prefix: Option<Prefix>,
+    /// S3 endpoint, e.g. http://127.0.0.1:9000 for MinIO (default: AWS_ENDPOINT_URL or AWS S3).
+    #[arg(long, value_name = "URL")]
+    endpoint_url: Option<String>,
+    /// Region (default: AWS_REGION, the profile, or us-east-1).
+    #[arg(long, value_name = "R")]
+    region: Option<String>,
+    /// Use path-style addressing (http://host/bucket/key); most S3-compatible servers need it.
+    #[arg(long)]
+    force_path_style: bool,
+    /// PEM file with extra CA certificates to trust for the endpoint.
+    #[arg(long, value_name = "PEM")]
+    ca_bundle: Option<PathBuf>,
+    /// Refuse every change with EROFS.
+    #[arg(long)]
+    read_only: bool,
+    /// Let users other than the mounting user access the mount.
+    #[arg(long)]
+    allow_other: bool,
+    /// Owner of every file and directory (default: the mounting user).
+    #[arg(long, value_name = "N")]
+    uid: Option<u32>,
+    /// Group of every file and directory (default: the mounting user's group).
+    #[arg(long, value_name = "N")]
+    gid: Option<u32>,
+    /// Permission bits of files, in octal.
+    #[arg(long, value_name = "OCTAL", default_value = "0644")]
+    file_mode: Mode,
+    /// Permission bits of directories, in octal.
+    #[arg(long, value_name = "OCTAL", default_value = "0755")]
+    dir_mode: Mode,
+    /// Directory for the on-disk block cache (off when not given). Must not be shared by mounts.
+    #[arg(long, value_name = "DIR")]
+    cache_dir: Option<PathBuf>,
+    /// Upper bound of the on-disk cache, e.g. 10GiB.
+    #[arg(long, value_name = "SIZE", default_value = DEFAULT_DISK_CACHE)]
+    max_cache_size: ByteSize,
+    /// Upper bound of the in-memory block cache, e.g. 512MiB.
+    #[arg(long, value_name = "SIZE", default_value = DEFAULT_MEMORY_CACHE)]
+    memory_cache_size: ByteSize,
+    /// How long file and directory metadata is cached; opening a file always checks S3.
+    #[arg(long, value_name = "SECONDS", default_value = "1")]
+    metadata_ttl: f64,
+    /// Stay in the foreground (logs go to stderr; SIGTERM/SIGINT unmount).
+    #[arg(long)]
+    foreground: bool,
+    /// Where a background mount writes its log after detaching (default: discarded).
+    #[arg(long, value_name = "PATH")]
+    log_file: Option<PathBuf>,
+}
+
+impl MountArgs {
+    fn into_config(self) -> anyhow::Result<MountConfig> {
+        if !(self.metadata_ttl.is_finite() && self.metadata_ttl >= 0.0 && self.metadata_ttl < 1e9) {
+            anyhow::bail!(
+                "invalid --metadata-ttl {}: expected a number of seconds >= 0",
+                self.metadata_ttl
+            );
+        }
+        if self.memory_cache_size.0 < (1 << 20) {
+            anyhow::bail!("--memory-cache-size must be at least 1MiB (one cache block)");
+        }
+        // SAFETY: getuid/getgid cannot fail and touch no memory.
+        let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+        Ok(MountConfig {
+            bucket: self.bucket,
+            mountpoint: self.mountpoint,
+            s3: S3Config {
+                endpoint_url: self.endpoint_url,
+                region: self.region,
+                force_path_style: self.force_path_style,
+                ca_bundle: self.ca_bundle,
+            },
+            fs: FsConfig {
+                prefix: self.prefix.unwrap_or_default(),
+                read_only: self.read_only,
+                ownership: Ownership {
+                    uid: self.uid.unwrap_or(uid),
+                    gid: self.gid.unwrap_or(gid),
+                    file_mode: self.file_mode.0,
+                    dir_mode: self.dir_mode.0,
+                },
+                metadata_ttl: Duration::from_secs_f64(self.metadata_ttl),
+            },
+            cache: CacheConfig {
+                memory_bytes: self.memory_cache_size.0,
+                disk_dir: self.cache_dir,
+                disk_bytes: self.max_cache_size.0,
+            },
+            allow_other: self.allow_other,
+            foreground: self.foreground,
+            log_file: self.log_file,
+        })
+    }
+}
+
+fn init_tracing() {
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn,s3csi=info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing();
+    let result = match cli.command {
+        Command::Mount(args) => run_mount(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{} {e:#}", daemon::ERROR_PREFIX);
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run_mount(args: MountArgs) -> anyhow::Result<()> {
+    let config = args.into_config()?;
+    if config.foreground {
+        let notify = std::env::var_os(daemon::NOTIFY_ENV).is_some();
+        return daemon::run_foreground(config, notify);
+    }
+    // Validate locally before detaching, so typos fail fast with a clear message.
+    daemon::check_mountpoint(&config.mountpoint)?;
+    let args: Vec<_> = std::env::args_os().skip(1).collect();
+    daemon::spawn_background(args)
+}

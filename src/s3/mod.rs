@@ -1,0 +1,155 @@
+//! The S3 layer: a bucket-scoped [`ObjectStore`] trait and the types it speaks.
+//!
+//! The filesystem and cache only see this trait, so they run unchanged against AWS S3, any
+//! S3-compatible server ([`aws::AwsStore`]) or the in-memory [`fake::FakeStore`] used by unit tests.
+//! Every error is an [`S3Error`] variant; callers branch on the variant, never on message text.
+
+pub mod aws;
+pub mod fake;
+
+use std::fmt;
+use std::ops::Range;
+use std::time::SystemTime;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::stream::BoxStream;
+
+/// Metadata of one object, from HEAD or from a listing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectMeta {
+    pub key: String,
+    pub size: u64,
+    /// Some servers omit ETags from listings; HEAD always tries to fill it.
+    pub etag: Option<String>,
+    pub last_modified: SystemTime,
+}
+
+/// One page of a `ListObjectsV2` call.
+#[derive(Debug, Clone, Default)]
+pub struct ListPage {
+    pub objects: Vec<ObjectMeta>,
+    pub common_prefixes: Vec<String>,
+    pub next_token: Option<String>,
+}
+
+/// One version of one object: the unit the block cache is keyed on.
+///
+/// `version` is the ETag when the server gives one; otherwise it is derived from size and
+/// modification time, which is weaker but still changes when the object is overwritten.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ObjectId {
+    pub key: String,
+    pub version: String,
+    /// Whether `version` is a real ETag that can be sent as `If-Match`.
+    pub has_etag: bool,
+}
+
+impl ObjectId {
+    pub fn from_meta(meta: &ObjectMeta) -> Self {
+        match &meta.etag {
+            Some(etag) => ObjectId {
+                key: meta.key.clone(),
+                version: etag.clone(),
+                has_etag: true,
+            },
+            None => {
+                let nanos = meta
+                    .last_modified
+                    .duration_since(SystemTime::UNIX_EPOCH)
+                    .map(|d| d.as_nanos())
+                    .unwrap_or(0);
+                ObjectId {
+                    key: meta.key.clone(),
+                    version: format!("size={};mtime={nanos}", meta.size),
+                    has_etag: false,
+                }
+            }
+        }
+    }
+
+    /// The `If-Match` value to send with a GET, when there is a real ETag.
+    pub fn if_match(&self) -> Option<&str> {
+        self.has_etag.then_some(self.version.as_str())
+    }
+}
+
+/// The body of a ranged GET, delivered in chunks as it arrives.
+pub struct GetObject {
+    pub etag: Option<String>,
+    pub body: BoxStream<'static, Result<Bytes, S3Error>>,
+}
+
+impl fmt::Debug for GetObject {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("GetObject")
+            .field("etag", &self.etag)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Everything that can go wrong talking to S3, after the client's own retries.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum S3Error {
+    #[error("bucket {0:?} does not exist")]
+    NoSuchBucket(String),
+    #[error("no object at key {0:?}")]
+    NotFound(String),
+    #[error("access denied ({0}); check the credentials and the bucket policy")]
+    AccessDenied(String),
+    #[error("object {0:?} changed on the server (ETag no longer matches)")]
+    PreconditionFailed(String),
+    #[error("requested range is not satisfiable for {0:?}")]
+    InvalidRange(String),
+    #[error("cannot reach the S3 endpoint: {0}")]
+    Unreachable(String),
+    #[error("S3 {operation} failed with HTTP {status} {code}: {message}")]
+    Service {
+        operation: &'static str,
+        status: u16,
+        code: String,
+        message: String,
+    },
+    #[error("S3 response body for {0:?} broke off: {1}")]
+    Body(String, String),
+}
+
+impl S3Error {
+    /// Transient errors that a caller may retry on its own (the SDK already retried the request).
+    pub fn is_transient(&self) -> bool {
+        match self {
+            S3Error::Body(..) | S3Error::Unreachable(_) => true,
+            S3Error::Service { status, .. } => *status >= 500 || *status == 429,
+            S3Error::NoSuchBucket(_)
+            | S3Error::NotFound(_)
+            | S3Error::AccessDenied(_)
+            | S3Error::PreconditionFailed(_)
+            | S3Error::InvalidRange(_) => false,
+        }
+    }
+}
+
+/// A bucket (optionally confined to a prefix by the caller) as the filesystem sees it.
+#[async_trait]
+pub trait ObjectStore: Send + Sync + 'static {
+    /// The bucket this store talks to, for messages.
+    fn bucket(&self) -> &str;
+
+    /// Checks that the bucket exists and the credentials can list it.
+    async fn check_access(&self, prefix: &str) -> Result<(), S3Error>;
+
+    async fn head_object(&self, key: &str) -> Result<ObjectMeta, S3Error>;
+
+    /// One page of `ListObjectsV2`.
+    async fn list_page(
+        &self,
+        prefix: &str,
+        delimiter: Option<&str>,
+        token: Option<String>,
+        max_keys: Option<i32>,
+    ) -> Result<ListPage, S3Error>;
+
+    /// A ranged GET of `range` (end exclusive, non-empty). When `object.has_etag`, the request
+    /// carries `If-Match` and a changed object fails with [`S3Error::PreconditionFailed`].
+    async fn get_range(&self, object: &ObjectId, range: Range<u64>) -> Result<GetObject, S3Error>;
+}
