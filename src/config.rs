@@ -32,9 +32,7 @@ impl FromStr for BucketName {
         if s.len() < 3 || s.len() > 63 {
             return bad("must be 3 to 63 characters long");
         }
-        if !s.bytes().all(|b| {
-            b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'-' || b == b'_'
-        }) {
+        if !s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'-' || b == b'_') {
             return bad("only lowercase letters, digits, '.', '-' and '_' are allowed");
         }
         let first = s.as_bytes()[0];
@@ -80,23 +78,14 @@ impl FromStr for Prefix {
             return Ok(Prefix::default());
         }
         if s.starts_with('/') {
-            return Err(ConfigError(format!(
-                "invalid prefix {s:?}: must not start with '/'"
-            )));
+            return Err(ConfigError(format!("invalid prefix {s:?}: must not start with '/'")));
         }
         let trimmed = s.trim_end_matches('/');
-        if trimmed
-            .split('/')
-            .any(|seg| seg.is_empty() || seg == "." || seg == "..")
-        {
-            return Err(ConfigError(format!(
-                "invalid prefix {s:?}: segments must not be empty, '.' or '..'"
-            )));
+        if trimmed.split('/').any(|seg| seg.is_empty() || seg == "." || seg == "..") {
+            return Err(ConfigError(format!("invalid prefix {s:?}: segments must not be empty, '.' or '..'")));
         }
         if s.len() > 512 {
-            return Err(ConfigError(format!(
-                "invalid prefix {s:?}: longer than 512 bytes"
-            )));
+            return Err(ConfigError(format!("invalid prefix {s:?}: longer than 512 bytes")));
         }
         Ok(Prefix(format!("{trimmed}/")))
     }
@@ -119,11 +108,7 @@ impl FromStr for ByteSize {
         let t = s.trim();
         let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
         let (num, unit) = t.split_at(split);
-        let bad = || {
-            ConfigError(format!(
-                "invalid size {s:?}: expected e.g. 1048576, 512MiB, 10GiB"
-            ))
-        };
+        let bad = || ConfigError(format!("invalid size {s:?}: expected e.g. 1048576, 512MiB, 10GiB"));
         let n: u64 = num.parse().map_err(|_| bad())?;
         let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
             "" | "b" => 1,
@@ -152,9 +137,7 @@ impl FromStr for Mode {
         let digits = s.strip_prefix("0o").unwrap_or(s);
         match u16::from_str_radix(digits, 8) {
             Ok(m) if m <= 0o7777 => Ok(Mode(m)),
-            _ => Err(ConfigError(format!(
-                "invalid mode {s:?}: expected octal permission bits such as 0644"
-            ))),
+            _ => Err(ConfigError(format!("invalid mode {s:?}: expected octal permission bits such as 0644"))),
         }
     }
 }
@@ -192,6 +175,7 @@ pub struct FsConfig {
     pub read_only: bool,
     pub ownership: Ownership,
     pub metadata_ttl: Duration,
+    pub write: crate::fs::write::WriteConfig,
 }
 
 /// Everything `s3csi mount` needs.

@@ -32,7 +32,9 @@ pub const ERROR_PREFIX: &str = "s3csi: error:";
 /// Checks that `path` is an existing directory that is not already a mount point.
 pub fn check_mountpoint(path: &Path) -> anyhow::Result<PathBuf> {
     let meta = std::fs::metadata(path).map_err(|e| match e.kind() {
-        std::io::ErrorKind::NotFound => anyhow::anyhow!("mountpoint {} does not exist; create it first", path.display()),
+        std::io::ErrorKind::NotFound => {
+            anyhow::anyhow!("mountpoint {} does not exist; create it first", path.display())
+        }
         std::io::ErrorKind::NotConnected => anyhow::anyhow!(
             "mountpoint {} is a dead FUSE mount (transport endpoint is not connected); run `umount {}` first",
             path.display(),
@@ -43,35 +45,22 @@ pub fn check_mountpoint(path: &Path) -> anyhow::Result<PathBuf> {
     if !meta.is_dir() {
         bail!("mountpoint {} is not a directory", path.display());
     }
-    let canonical = path
-        .canonicalize()
-        .with_context(|| format!("cannot resolve mountpoint {}", path.display()))?;
+    let canonical = path.canonicalize().with_context(|| format!("cannot resolve mountpoint {}", path.display()))?;
     if is_mount_point(&canonical)? {
-        bail!(
-            "mountpoint {} is busy: something is already mounted there; unmount it first",
-            canonical.display()
-        );
+        bail!("mountpoint {} is busy: something is already mounted there; unmount it first", canonical.display());
     }
     Ok(canonical)
 }
 
 /// Whether `path` (canonical) appears as a mount point in /proc/self/mountinfo.
 pub fn is_mount_point(path: &Path) -> anyhow::Result<bool> {
-    let info = std::fs::read_to_string("/proc/self/mountinfo")
-        .context("cannot read /proc/self/mountinfo")?;
+    let info = std::fs::read_to_string("/proc/self/mountinfo").context("cannot read /proc/self/mountinfo")?;
     let want = path.to_string_lossy();
-    Ok(info.lines().any(|l| {
-        l.split(' ')
-            .nth(4)
-            .is_some_and(|mp| unescape_mountinfo(mp) == want)
-    }))
+    Ok(info.lines().any(|l| l.split(' ').nth(4).is_some_and(|mp| unescape_mountinfo(mp) == want)))
 }
 
 fn unescape_mountinfo(s: &str) -> String {
-    s.replace("\\040", " ")
-        .replace("\\011", "\t")
-        .replace("\\012", "\n")
-        .replace("\\134", "\\")
+    s.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")
 }
 
 /// Turns an S3 error from the access check into the message a user can act on.
@@ -97,9 +86,7 @@ pub fn spawn_background(args: Vec<std::ffi::OsString>) -> anyhow::Result<()> {
     let exe = std::env::current_exe().context("cannot find the s3csi executable")?;
     let mut cmd = Command::new(exe);
     cmd.args(args).arg("--foreground").env(NOTIFY_ENV, "1");
-    cmd.stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
     // SAFETY: setsid is async-signal-safe and touches no memory; it detaches the daemon from the
     // caller's terminal and process group so Ctrl-C in the shell does not kill the mount.
     unsafe {
@@ -130,12 +117,7 @@ pub fn spawn_background(args: Vec<std::ffi::OsString>) -> anyhow::Result<()> {
         .filter_map(|l| l.strip_prefix(ERROR_PREFIX))
         .next_back()
         .map(|m| m.trim().to_owned())
-        .unwrap_or_else(|| {
-            format!(
-                "mount process exited with {status} before the mount was ready: {}",
-                log.trim()
-            )
-        });
+        .unwrap_or_else(|| format!("mount process exited with {status} before the mount was ready: {}", log.trim()));
     bail!("{message}")
 }
 
@@ -150,16 +132,9 @@ pub fn run_foreground(config: MountConfig, notify_ready: bool) -> anyhow::Result
     let store = rt.block_on(async {
         let client = build_client(&config.s3).await?;
         let store = AwsStore::new(client, config.bucket.as_str());
-        store
-            .check_access(config.fs.prefix.as_str())
-            .await
-            .map_err(|e| {
-                anyhow::anyhow!(describe_access_error(
-                    &e,
-                    config.bucket.as_str(),
-                    config.s3.endpoint_url.as_deref()
-                ))
-            })?;
+        store.check_access(config.fs.prefix.as_str()).await.map_err(|e| {
+            anyhow::anyhow!(describe_access_error(&e, config.bucket.as_str(), config.s3.endpoint_url.as_deref()))
+        })?;
         anyhow::Ok(store)
     })?;
     let disk = match &config.cache.disk_dir {
@@ -170,7 +145,10 @@ pub fn run_foreground(config: MountConfig, notify_ready: bool) -> anyhow::Result
         None => None,
     };
     let cache = Arc::new(BlockCache::new(config.cache.memory_bytes, disk));
-    let fs = Arc::new(S3Fs::new(Arc::new(store), cache, config.fs.clone()));
+    let fs = S3Fs::new(Arc::new(store), cache, config.fs.clone()).map_err(|e| {
+        anyhow::anyhow!("cannot prepare the staging directory {}: {e}", config.fs.write.staging_dir.display())
+    })?;
+    let fs = Arc::new(fs);
     let adapter = FuseAdapter::new(fs, rt.handle().clone());
 
     let mut options = vec![
@@ -223,8 +201,7 @@ pub fn run_foreground(config: MountConfig, notify_ready: bool) -> anyhow::Result
         // Already gone (umount from outside).
     } else if let Err(e) = unmounter.unmount() {
         tracing::warn!(error = %e, "unmount failed (busy?); detaching lazily");
-        let c = std::ffi::CString::new(mountpoint.to_string_lossy().as_bytes())
-            .expect("path has no NUL");
+        let c = std::ffi::CString::new(mountpoint.to_string_lossy().as_bytes()).expect("path has no NUL");
         // SAFETY: umount2 with a valid NUL-terminated path.
         unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
     }
@@ -238,13 +215,7 @@ pub fn run_foreground(config: MountConfig, notify_ready: bool) -> anyhow::Result
 /// After readiness, stop writing to the parent's pipes: stdout goes to /dev/null, stderr (the
 /// log) to `log_file` if given, otherwise /dev/null.
 fn detach_stdio(log_file: Option<&Path>) {
-    let open = |p: &Path, append: bool| {
-        std::fs::OpenOptions::new()
-            .write(true)
-            .append(append)
-            .create(append)
-            .open(p)
-    };
+    let open = |p: &Path, append: bool| std::fs::OpenOptions::new().write(true).append(append).create(append).open(p);
     let devnull = open(Path::new("/dev/null"), false);
     let log = log_file.and_then(|p| open(p, true).ok());
     if let Ok(null) = devnull {

@@ -5,10 +5,9 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use s3csi::config::{
-    BucketName, ByteSize, CacheConfig, FsConfig, Mode, MountConfig, Ownership, Prefix, S3Config,
-};
+use s3csi::config::{BucketName, ByteSize, CacheConfig, FsConfig, Mode, MountConfig, Ownership, Prefix, S3Config};
 use s3csi::daemon;
+use s3csi::fs::write::WriteConfig;
 use tracing_subscriber::EnvFilter;
 
 /// Default memory tier of the block cache.
@@ -17,11 +16,7 @@ const DEFAULT_MEMORY_CACHE: &str = "256MiB";
 const DEFAULT_DISK_CACHE: &str = "1GiB";
 
 #[derive(Parser, Debug)]
-#[command(
-    name = "s3csi",
-    version,
-    about = "Mount S3 buckets with FUSE; Kubernetes CSI driver for S3"
-)]
+#[command(name = "s3csi", version, about = "Mount S3 buckets with FUSE; Kubernetes CSI driver for S3")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -84,6 +79,16 @@ struct MountArgs {
     /// How long file and directory metadata is cached; opening a file always checks S3.
     #[arg(long, value_name = "SECONDS", default_value = "1")]
     metadata_ttl: f64,
+    /// Multipart part size for uploads (at least 5MiB); grows automatically for huge files.
+    #[arg(long, value_name = "SIZE", default_value = "8MiB")]
+    part_size: ByteSize,
+    /// Memory for part uploads in flight, across all files being written.
+    #[arg(long, value_name = "SIZE", default_value = "64MiB")]
+    write_buffer_size: ByteSize,
+    /// Bound of the local staging area for files modified in place (random writes, appends,
+    /// truncates). Lives under --cache-dir, or a temporary directory without one.
+    #[arg(long, value_name = "SIZE", default_value = "4GiB")]
+    max_staging_size: ByteSize,
     /// Stay in the foreground (logs go to stderr; SIGTERM/SIGINT unmount).
     #[arg(long)]
     foreground: bool,
@@ -95,14 +100,18 @@ struct MountArgs {
 impl MountArgs {
     fn into_config(self) -> anyhow::Result<MountConfig> {
         if !(self.metadata_ttl.is_finite() && self.metadata_ttl >= 0.0 && self.metadata_ttl < 1e9) {
-            anyhow::bail!(
-                "invalid --metadata-ttl {}: expected a number of seconds >= 0",
-                self.metadata_ttl
-            );
+            anyhow::bail!("invalid --metadata-ttl {}: expected a number of seconds >= 0", self.metadata_ttl);
         }
         if self.memory_cache_size.0 < (1 << 20) {
             anyhow::bail!("--memory-cache-size must be at least 1MiB (one cache block)");
         }
+        if self.part_size.0 < s3csi::fs::write::MIN_PART_SIZE || self.part_size.0 > (5 << 30) {
+            anyhow::bail!("--part-size must be between 5MiB and 5GiB (S3 multipart limits)");
+        }
+        let staging_dir = match &self.cache_dir {
+            Some(dir) => dir.join("s3csi-staging"),
+            None => std::env::temp_dir().join(format!("s3csi-staging-{}", std::process::id())),
+        };
         // SAFETY: getuid/getgid cannot fail and touch no memory.
         let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
         Ok(MountConfig {
@@ -124,6 +133,12 @@ impl MountArgs {
                     dir_mode: self.dir_mode.0,
                 },
                 metadata_ttl: Duration::from_secs_f64(self.metadata_ttl),
+                write: WriteConfig {
+                    part_size: self.part_size.0,
+                    buffer_bytes: self.write_buffer_size.0.max(self.part_size.0),
+                    staging_dir,
+                    staging_bytes: self.max_staging_size.0,
+                },
             },
             cache: CacheConfig {
                 memory_bytes: self.memory_cache_size.0,
@@ -138,13 +153,8 @@ impl MountArgs {
 }
 
 fn init_tracing() {
-    let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn,s3csi=info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .init();
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn,s3csi=info"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
 }
 
 fn main() -> ExitCode {

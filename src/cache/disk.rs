@@ -83,10 +83,7 @@ impl DiskTier {
         let shared = Arc::new(Shared {
             dir: blocks,
             cap_bytes,
-            index: Mutex::new(Index {
-                lru: LruCache::unbounded(),
-                used_bytes: 0,
-            }),
+            index: Mutex::new(Index { lru: LruCache::unbounded(), used_bytes: 0 }),
             used: AtomicU64::new(0),
             evictions: AtomicU64::new(0),
             _lock: lock,
@@ -160,12 +157,7 @@ impl DiskTier {
         let key = key.clone();
         tokio::task::spawn_blocking(move || shared.read(&key))
             .await
-            .unwrap_or_else(|e| {
-                Err(CacheError::Corrupt {
-                    path: "?".into(),
-                    why: format!("reader task failed: {e}"),
-                })
-            })
+            .unwrap_or_else(|e| Err(CacheError::Corrupt { path: "?".into(), why: format!("reader task failed: {e}") }))
     }
 }
 
@@ -196,18 +188,11 @@ impl Shared {
             // Evicted between the index lookup and the open: a plain miss.
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(source) => {
-                return Err(CacheError::Io {
-                    path: shown(),
-                    source,
-                });
+                return Err(CacheError::Io { path: shown(), source });
             }
         };
         let mut buf = Vec::new();
-        file.read_to_end(&mut buf)
-            .map_err(|source| CacheError::Io {
-                path: shown(),
-                source,
-            })?;
+        file.read_to_end(&mut buf).map_err(|source| CacheError::Io { path: shown(), source })?;
         match decode(&buf) {
             Ok(data) => Ok(Some(Bytes::copy_from_slice(data))),
             Err(why) => {
@@ -238,8 +223,7 @@ impl Shared {
             self.used.store(idx.used_bytes, Ordering::Relaxed);
             victims
         };
-        self.evictions
-            .fetch_add(victims.len() as u64, Ordering::Relaxed);
+        self.evictions.fetch_add(victims.len() as u64, Ordering::Relaxed);
         for v in &victims {
             let p = self.path(v);
             if let Err(e) = fs::remove_file(&p)
@@ -264,10 +248,7 @@ impl Shared {
                 let mut idx = self.index.lock().unwrap();
                 idx.used_bytes -= size;
                 self.used.store(idx.used_bytes, Ordering::Relaxed);
-                Err(CacheError::Io {
-                    path: path.display().to_string(),
-                    source,
-                })
+                Err(CacheError::Io { path: path.display().to_string(), source })
             }
         }
     }
@@ -303,21 +284,11 @@ mod tests {
     use crate::s3::ObjectId;
 
     fn key(index: u64) -> BlockKey {
-        BlockKey {
-            object: Arc::new(ObjectId {
-                key: "k".into(),
-                version: "v".into(),
-                has_etag: true,
-            }),
-            index,
-        }
+        BlockKey { object: Arc::new(ObjectId { key: "k".into(), version: "v".into(), has_etag: true }), index }
     }
 
     fn dir_bytes(dir: &Path) -> u64 {
-        fs::read_dir(dir)
-            .unwrap()
-            .map(|e| e.unwrap().metadata().unwrap().len())
-            .sum()
+        fs::read_dir(dir).unwrap().map(|e| e.unwrap().metadata().unwrap().len()).sum()
     }
 
     #[tokio::test]

@@ -32,10 +32,7 @@ pub struct BlockKey {
 #[derive(Debug, thiserror::Error)]
 pub enum CacheError {
     #[error("cache I/O on {path}: {source}")]
-    Io {
-        path: String,
-        source: std::io::Error,
-    },
+    Io { path: String, source: std::io::Error },
     #[error("cache block {path} is corrupt: {why}")]
     Corrupt { path: String, why: String },
 }
@@ -65,20 +62,14 @@ pub struct BlockCache {
 
 impl std::fmt::Debug for BlockCache {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("BlockCache")
-            .field("memory_bytes", &self.memory_used_bytes())
-            .finish_non_exhaustive()
+        f.debug_struct("BlockCache").field("memory_bytes", &self.memory_used_bytes()).finish_non_exhaustive()
     }
 }
 
 impl BlockCache {
     pub fn new(memory_bytes: u64, disk: Option<DiskTier>) -> Self {
         BlockCache {
-            mem: Mutex::new(MemTier {
-                lru: LruCache::unbounded(),
-                used_bytes: 0,
-                cap_bytes: memory_bytes,
-            }),
+            mem: Mutex::new(MemTier { lru: LruCache::unbounded(), used_bytes: 0, cap_bytes: memory_bytes }),
             disk,
             stats: CacheStats::default(),
         }
@@ -157,9 +148,7 @@ impl BlockCache {
             }
         }
         if !evicted.is_empty() {
-            self.stats
-                .evictions_memory
-                .fetch_add(evicted.len() as u64, Ordering::Relaxed);
+            self.stats.evictions_memory.fetch_add(evicted.len() as u64, Ordering::Relaxed);
             self.spill(evicted);
         }
     }
@@ -186,14 +175,7 @@ mod tests {
     use super::*;
 
     fn key(name: &str, version: &str, index: u64) -> BlockKey {
-        BlockKey {
-            object: Arc::new(ObjectId {
-                key: name.into(),
-                version: version.into(),
-                has_etag: true,
-            }),
-            index,
-        }
+        BlockKey { object: Arc::new(ObjectId { key: name.into(), version: version.into(), has_etag: true }), index }
     }
 
     #[tokio::test]
@@ -204,10 +186,7 @@ mod tests {
         assert!(cache.get(&key("a", "1", 0)).await.is_some()); // 0 is now most recent
         cache.insert(key("a", "1", 2), Bytes::from(vec![2; 4]));
         assert_eq!(cache.memory_used_bytes(), 8);
-        assert!(
-            cache.get(&key("a", "1", 1)).await.is_none(),
-            "LRU block evicted"
-        );
+        assert!(cache.get(&key("a", "1", 1)).await.is_none(), "LRU block evicted");
         assert!(cache.get(&key("a", "1", 0)).await.is_some());
         assert_eq!(cache.stats.evictions_memory.load(Ordering::Relaxed), 1);
     }

@@ -20,6 +20,20 @@ pub enum FsError {
     BadHandle,
     #[error("operation not supported: {0}")]
     NotSupported(&'static str),
+    #[error("directory not empty")]
+    NotEmpty,
+    #[error("file exists")]
+    Exists,
+    #[error("invalid argument: {0}")]
+    Invalid(&'static str),
+    #[error("file name too long (S3 keys are limited to 1024 bytes)")]
+    NameTooLong,
+    #[error("no space left in the staging area")]
+    NoSpace,
+    #[error("an earlier upload of this file failed ({0}); its data was not saved")]
+    UploadFailed(String),
+    #[error("local I/O failed: {0}")]
+    Local(String),
     #[error(transparent)]
     Store(S3Error),
 }
@@ -35,16 +49,19 @@ impl FsError {
             FsError::AccessDenied(_) => libc::EACCES,
             FsError::BadHandle => libc::EBADF,
             FsError::NotSupported(_) => libc::ENOTSUP,
+            FsError::NotEmpty => libc::ENOTEMPTY,
+            FsError::Exists => libc::EEXIST,
+            FsError::Invalid(_) => libc::EINVAL,
+            FsError::NameTooLong => libc::ENAMETOOLONG,
+            FsError::NoSpace => libc::ENOSPC,
+            FsError::Local(_) | FsError::UploadFailed(_) => libc::EIO,
             FsError::Store(_) => libc::EIO,
         }
     }
 
     /// Expected misses are logged quietly; everything else at `warn`.
     pub fn is_expected(&self) -> bool {
-        matches!(
-            self,
-            FsError::NotFound | FsError::ReadOnly | FsError::NotDir | FsError::IsDir
-        )
+        matches!(self, FsError::NotFound | FsError::ReadOnly | FsError::NotDir | FsError::IsDir)
     }
 }
 

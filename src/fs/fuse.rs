@@ -10,14 +10,14 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use fuser::{
-    FileAttr, FileType, Filesystem, KernelConfig, ReplyAttr, ReplyCreate, ReplyData,
-    ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request, TimeOrNow,
+    FileAttr, FileType, Filesystem, KernelConfig, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty,
+    ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow,
 };
 use tokio::runtime::Handle;
 use tracing::Instrument;
 
 use super::inode::Kind;
-use super::{Attr, FsError, REPORTED_BLOCK_SIZE, S3Fs};
+use super::{Attr, FsError, REPORTED_BLOCK_SIZE, S3Fs, SetAttr};
 use crate::s3::ObjectStore;
 
 /// Largest read/write the kernel sends us (needs FUSE_MAX_PAGES): 1 MiB, one cache block.
@@ -51,8 +51,7 @@ fn file_attr(a: &Attr) -> FileAttr {
     FileAttr {
         ino: a.ino,
         size: a.size,
-        blocks: a.size.div_ceil(u64::from(REPORTED_BLOCK_SIZE))
-            * u64::from(REPORTED_BLOCK_SIZE / 512),
+        blocks: a.size.div_ceil(u64::from(REPORTED_BLOCK_SIZE)) * u64::from(REPORTED_BLOCK_SIZE / 512),
         atime: a.mtime,
         mtime: a.mtime,
         ctime: a.mtime,
@@ -72,6 +71,7 @@ fn file_type(k: Kind) -> FileType {
     match k {
         Kind::File => FileType::RegularFile,
         Kind::Dir => FileType::Directory,
+        Kind::Symlink => FileType::Symlink,
     }
 }
 
@@ -128,15 +128,12 @@ impl<S: ObjectStore> Filesystem for FuseAdapter<S> {
 
     fn open(&mut self, req: &Request<'_>, ino: u64, flags: i32, reply: ReplyOpen) {
         let fs = Arc::clone(&self.fs);
-        self.spawn(
-            tracing::debug_span!("open", ino, pid = req.pid()),
-            async move {
-                match fs.open(ino, flags).await {
-                    Ok(fh) => reply.opened(fh, 0),
-                    Err(e) => reply.error(errno("open", &e)),
-                }
-            },
-        );
+        self.spawn(tracing::debug_span!("open", ino, pid = req.pid()), async move {
+            match fs.open(ino, flags).await {
+                Ok(fh) => reply.opened(fh, 0),
+                Err(e) => reply.error(errno("open", &e)),
+            }
+        });
     }
 
     fn read(
@@ -154,16 +151,13 @@ impl<S: ObjectStore> Filesystem for FuseAdapter<S> {
         let Ok(offset) = u64::try_from(offset) else {
             return reply.error(libc::EINVAL);
         };
-        self.spawn(
-            tracing::trace_span!("read", ino, fh, offset, size),
-            async move {
-                match fs.read(fh, offset, size).await {
-                    Ok(parts) if parts.len() == 1 => reply.data(&parts[0]),
-                    Ok(parts) => reply.data(&parts.concat()),
-                    Err(e) => reply.error(errno("read", &e)),
-                }
-            },
-        );
+        self.spawn(tracing::trace_span!("read", ino, fh, offset, size), async move {
+            match fs.read(fh, offset, size).await {
+                Ok(parts) if parts.len() == 1 => reply.data(&parts[0]),
+                Ok(parts) => reply.data(&parts.concat()),
+                Err(e) => reply.error(errno("read", &e)),
+            }
+        });
     }
 
     fn release(
@@ -176,8 +170,13 @@ impl<S: ObjectStore> Filesystem for FuseAdapter<S> {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        self.fs.release(fh);
-        reply.ok();
+        let fs = Arc::clone(&self.fs);
+        self.spawn(tracing::debug_span!("release", fh), async move {
+            match fs.release(fh).await {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(errno("release", &e)),
+            }
+        });
     }
 
     fn opendir(&mut self, _req: &Request<'_>, ino: u64, _flags: i32, reply: ReplyOpen) {
@@ -190,14 +189,7 @@ impl<S: ObjectStore> Filesystem for FuseAdapter<S> {
         });
     }
 
-    fn readdir(
-        &mut self,
-        _req: &Request<'_>,
-        ino: u64,
-        fh: u64,
-        offset: i64,
-        mut reply: ReplyDirectory,
-    ) {
+    fn readdir(&mut self, _req: &Request<'_>, ino: u64, fh: u64, offset: i64, mut reply: ReplyDirectory) {
         let _span = tracing::debug_span!("readdir", ino, fh, offset).entered();
         match self.fs.readdir(ino, fh, offset.max(0) as u64) {
             Ok(entries) => {
@@ -212,23 +204,24 @@ impl<S: ObjectStore> Filesystem for FuseAdapter<S> {
         }
     }
 
-    fn releasedir(
-        &mut self,
-        _req: &Request<'_>,
-        _ino: u64,
-        fh: u64,
-        _flags: i32,
-        reply: ReplyEmpty,
-    ) {
+    fn releasedir(&mut self, _req: &Request<'_>, _ino: u64, fh: u64, _flags: i32, reply: ReplyEmpty) {
         self.fs.releasedir(fh);
         reply.ok();
     }
 
+    fn getxattr(&mut self, _req: &Request<'_>, _ino: u64, _name: &OsStr, _size: u32, reply: ReplyXattr) {
+        // No extended attributes: ENOTSUP makes the kernel stop asking (e.g. security.capability
+        // on every write).
+        reply.error(libc::ENOTSUP);
+    }
+
+    fn listxattr(&mut self, _req: &Request<'_>, _ino: u64, _size: u32, reply: ReplyXattr) {
+        reply.error(libc::ENOTSUP);
+    }
+
     fn statfs(&mut self, _req: &Request<'_>, _ino: u64, reply: ReplyStatfs) {
         let s = self.fs.statfs();
-        reply.statfs(
-            s.blocks, s.bfree, s.bavail, s.files, s.ffree, s.bsize, s.namelen, s.bsize,
-        );
+        reply.statfs(s.blocks, s.bfree, s.bavail, s.files, s.ffree, s.bsize, s.namelen, s.bsize);
     }
 
     // --- Changes to the namespace or data. ---
@@ -236,22 +229,38 @@ impl<S: ObjectStore> Filesystem for FuseAdapter<S> {
     fn setattr(
         &mut self,
         _req: &Request<'_>,
-        _ino: u64,
-        _mode: Option<u32>,
-        _uid: Option<u32>,
-        _gid: Option<u32>,
-        _size: Option<u64>,
+        ino: u64,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
         _atime: Option<TimeOrNow>,
-        _mtime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
         _ctime: Option<SystemTime>,
-        _fh: Option<u64>,
+        fh: Option<u64>,
         _crtime: Option<SystemTime>,
         _chgtime: Option<SystemTime>,
         _bkuptime: Option<SystemTime>,
         _flags: Option<u32>,
         reply: ReplyAttr,
     ) {
-        reply.error(errno("setattr", &self.fs.refuse_write("setattr")));
+        let fs = Arc::clone(&self.fs);
+        let changes = SetAttr {
+            size,
+            mode: mode.map(|m| (m & 0o7777) as u16),
+            uid,
+            gid,
+            mtime: mtime.map(|t| match t {
+                TimeOrNow::SpecificTime(t) => t,
+                TimeOrNow::Now => SystemTime::now(),
+            }),
+        };
+        self.spawn(tracing::debug_span!("setattr", ino), async move {
+            match fs.setattr(ino, fh, changes).await {
+                Ok(a) => reply.attr(&fs.ttl(), &file_attr(&a)),
+                Err(e) => reply.error(errno("setattr", &e)),
+            }
+        });
     }
 
     fn mknod(
@@ -264,89 +273,152 @@ impl<S: ObjectStore> Filesystem for FuseAdapter<S> {
         _rdev: u32,
         reply: ReplyEntry,
     ) {
-        reply.error(errno("mknod", &self.fs.refuse_write("mknod")));
+        reply.error(errno("mknod", &self.fs.refuse("device nodes and FIFOs")));
     }
 
-    fn mkdir(
-        &mut self,
-        _req: &Request<'_>,
-        _parent: u64,
-        _name: &OsStr,
-        _mode: u32,
-        _umask: u32,
-        reply: ReplyEntry,
-    ) {
-        reply.error(errno("mkdir", &self.fs.refuse_write("mkdir")));
+    fn mkdir(&mut self, _req: &Request<'_>, parent: u64, name: &OsStr, mode: u32, umask: u32, reply: ReplyEntry) {
+        let fs = Arc::clone(&self.fs);
+        let Some(name) = name_str(name) else { return reply.error(libc::EINVAL) };
+        self.spawn(tracing::debug_span!("mkdir", ino = parent, name = %name), async move {
+            match fs.mkdir(parent, &name, (mode & !umask & 0o7777) as u16).await {
+                Ok(a) => reply.entry(&fs.ttl(), &file_attr(&a), 0),
+                Err(e) => reply.error(errno("mkdir", &e)),
+            }
+        });
     }
 
-    fn unlink(&mut self, _req: &Request<'_>, _parent: u64, _name: &OsStr, reply: ReplyEmpty) {
-        reply.error(errno("unlink", &self.fs.refuse_write("unlink")));
+    fn unlink(&mut self, _req: &Request<'_>, parent: u64, name: &OsStr, reply: ReplyEmpty) {
+        let fs = Arc::clone(&self.fs);
+        let Some(name) = name_str(name) else { return reply.error(libc::ENOENT) };
+        self.spawn(tracing::debug_span!("unlink", ino = parent, name = %name), async move {
+            match fs.unlink(parent, &name).await {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(errno("unlink", &e)),
+            }
+        });
     }
 
-    fn rmdir(&mut self, _req: &Request<'_>, _parent: u64, _name: &OsStr, reply: ReplyEmpty) {
-        reply.error(errno("rmdir", &self.fs.refuse_write("rmdir")));
+    fn rmdir(&mut self, _req: &Request<'_>, parent: u64, name: &OsStr, reply: ReplyEmpty) {
+        let fs = Arc::clone(&self.fs);
+        let Some(name) = name_str(name) else { return reply.error(libc::ENOENT) };
+        self.spawn(tracing::debug_span!("rmdir", ino = parent, name = %name), async move {
+            match fs.rmdir(parent, &name).await {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(errno("rmdir", &e)),
+            }
+        });
     }
 
-    fn symlink(
-        &mut self,
-        _req: &Request<'_>,
-        _parent: u64,
-        _name: &OsStr,
-        _target: &Path,
-        reply: ReplyEntry,
-    ) {
-        reply.error(errno("symlink", &self.fs.refuse_write("symlink")));
+    fn symlink(&mut self, _req: &Request<'_>, parent: u64, name: &OsStr, target: &Path, reply: ReplyEntry) {
+        let fs = Arc::clone(&self.fs);
+        let (Some(name), Some(target)) = (name_str(name), target.to_str().map(str::to_owned)) else {
+            return reply.error(libc::EINVAL);
+        };
+        self.spawn(tracing::debug_span!("symlink", ino = parent, name = %name), async move {
+            match fs.symlink(parent, &name, &target).await {
+                Ok(a) => reply.entry(&fs.ttl(), &file_attr(&a), 0),
+                Err(e) => reply.error(errno("symlink", &e)),
+            }
+        });
+    }
+
+    fn readlink(&mut self, _req: &Request<'_>, ino: u64, reply: ReplyData) {
+        let fs = Arc::clone(&self.fs);
+        self.spawn(tracing::debug_span!("readlink", ino), async move {
+            match fs.readlink(ino).await {
+                Ok(target) => reply.data(&target),
+                Err(e) => reply.error(errno("readlink", &e)),
+            }
+        });
     }
 
     fn rename(
         &mut self,
         _req: &Request<'_>,
-        _parent: u64,
-        _name: &OsStr,
-        _newparent: u64,
-        _newname: &OsStr,
-        _flags: u32,
+        parent: u64,
+        name: &OsStr,
+        newparent: u64,
+        newname: &OsStr,
+        flags: u32,
         reply: ReplyEmpty,
     ) {
-        reply.error(errno("rename", &self.fs.refuse_write("rename")));
+        let fs = Arc::clone(&self.fs);
+        let (Some(name), Some(newname)) = (name_str(name), name_str(newname)) else {
+            return reply.error(libc::EINVAL);
+        };
+        let span = tracing::debug_span!("rename", ino = parent, name = %name, newparent, newname = %newname);
+        self.spawn(span, async move {
+            match fs.rename(parent, &name, newparent, &newname, flags).await {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(errno("rename", &e)),
+            }
+        });
     }
 
-    fn link(
-        &mut self,
-        _req: &Request<'_>,
-        _ino: u64,
-        _newparent: u64,
-        _newname: &OsStr,
-        reply: ReplyEntry,
-    ) {
-        reply.error(errno("link", &self.fs.refuse_write("link")));
+    fn link(&mut self, _req: &Request<'_>, _ino: u64, _newparent: u64, _newname: &OsStr, reply: ReplyEntry) {
+        reply.error(errno("link", &self.fs.refuse("hard links")));
     }
 
     fn write(
         &mut self,
         _req: &Request<'_>,
-        _ino: u64,
-        _fh: u64,
-        _offset: i64,
-        _data: &[u8],
+        ino: u64,
+        fh: u64,
+        offset: i64,
+        data: &[u8],
         _write_flags: u32,
         _flags: i32,
         _lock_owner: Option<u64>,
         reply: ReplyWrite,
     ) {
-        reply.error(errno("write", &self.fs.refuse_write("write")));
+        let fs = Arc::clone(&self.fs);
+        let Ok(offset) = u64::try_from(offset) else { return reply.error(libc::EINVAL) };
+        let data = data.to_vec();
+        self.spawn(tracing::trace_span!("write", ino, fh, offset, len = data.len()), async move {
+            match fs.write(fh, offset, &data).await {
+                Ok(n) => reply.written(n),
+                Err(e) => reply.error(errno("write", &e)),
+            }
+        });
+    }
+
+    fn flush(&mut self, _req: &Request<'_>, ino: u64, fh: u64, _lock_owner: u64, reply: ReplyEmpty) {
+        let fs = Arc::clone(&self.fs);
+        self.spawn(tracing::debug_span!("flush", ino, fh), async move {
+            match fs.flush(fh).await {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(errno("flush", &e)),
+            }
+        });
+    }
+
+    fn fsync(&mut self, _req: &Request<'_>, ino: u64, fh: u64, _datasync: bool, reply: ReplyEmpty) {
+        let fs = Arc::clone(&self.fs);
+        self.spawn(tracing::debug_span!("fsync", ino, fh), async move {
+            match fs.flush(fh).await {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(errno("fsync", &e)),
+            }
+        });
     }
 
     fn create(
         &mut self,
         _req: &Request<'_>,
-        _parent: u64,
-        _name: &OsStr,
-        _mode: u32,
-        _umask: u32,
-        _flags: i32,
+        parent: u64,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        flags: i32,
         reply: ReplyCreate,
     ) {
-        reply.error(errno("create", &self.fs.refuse_write("create")));
+        let fs = Arc::clone(&self.fs);
+        let Some(name) = name_str(name) else { return reply.error(libc::EINVAL) };
+        self.spawn(tracing::debug_span!("create", ino = parent, name = %name), async move {
+            match fs.create(parent, &name, (mode & !umask & 0o7777) as u16, flags).await {
+                Ok((a, fh)) => reply.created(&fs.ttl(), &file_attr(&a), 0, fh, 0),
+                Err(e) => reply.error(errno("create", &e)),
+            }
+        });
     }
 }

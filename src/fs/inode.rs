@@ -2,15 +2,18 @@
 //!
 //! Invariants:
 //! - Inode 1 is the root (the bucket, or the `--prefix` directory) and is never removed.
-//! - A directory's `key` ends in `/` (except an unprefixed root, whose key is empty); a file's
-//!   key never does.
-//! - `(parent, name)` maps to at most one live inode. When S3 shows that a name changed kind
-//!   (file <-> directory), the name gets a fresh inode so the kernel never sees a type change.
-//! - An inode stays while the kernel holds a lookup reference; `forget` drops it at zero.
+//! - An inode's S3 key is derived from its parent chain on demand ([`InodeTable::key`]), so a
+//!   directory rename moves every descendant at once. A directory's key ends in `/` (except an
+//!   unprefixed root, whose key is empty); a file's or symlink's never does.
+//! - `(parent, name)` maps to at most one live inode. When S3 shows that a name changed kind,
+//!   the name gets a fresh inode so the kernel never sees a type change under one number.
+//! - An inode stays while the kernel holds a lookup reference or a file is open on it.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime};
+
+use super::write::OpenState;
 
 pub const ROOT_INO: u64 = 1;
 
@@ -18,6 +21,7 @@ pub const ROOT_INO: u64 = 1;
 pub enum Kind {
     File,
     Dir,
+    Symlink,
 }
 
 /// What S3 last told us about an inode, and when.
@@ -27,17 +31,38 @@ pub struct Stat {
     pub mtime: SystemTime,
     pub etag: Option<String>,
     pub validated_at: Instant,
+    /// Mode, owner and group stored in the object's metadata (None: mount defaults).
+    pub mode: Option<u16>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    /// Whether this came from HEAD (metadata known) rather than a listing.
+    pub from_head: bool,
+}
+
+impl Stat {
+    pub fn new(size: u64, mtime: SystemTime) -> Self {
+        Stat {
+            size,
+            mtime,
+            etag: None,
+            validated_at: Instant::now(),
+            mode: None,
+            uid: None,
+            gid: None,
+            from_head: false,
+        }
+    }
 }
 
 #[derive(Debug)]
 pub struct Inode {
     pub ino: u64,
-    pub parent: u64,
-    pub name: String,
     pub kind: Kind,
-    pub key: String,
+    loc: Mutex<(u64, String)>,
     pub stat: Mutex<Stat>,
     lookups: Mutex<u64>,
+    /// Dirty or open-for-write state, shared by every handle that writes this file.
+    pub open: Mutex<Option<Arc<OpenState>>>,
 }
 
 impl Inode {
@@ -47,6 +72,18 @@ impl Inode {
 
     pub fn set_stat(&self, stat: Stat) {
         *self.stat.lock().unwrap() = stat;
+    }
+
+    pub fn parent(&self) -> u64 {
+        self.loc.lock().unwrap().0
+    }
+
+    pub fn name(&self) -> String {
+        self.loc.lock().unwrap().1.clone()
+    }
+
+    pub fn open_state(&self) -> Option<Arc<OpenState>> {
+        self.open.lock().unwrap().clone()
     }
 }
 
@@ -59,6 +96,7 @@ struct Tables {
 
 #[derive(Debug)]
 pub struct InodeTable {
+    root_key: String,
     tables: Mutex<Tables>,
 }
 
@@ -66,56 +104,73 @@ impl InodeTable {
     pub fn new(root_key: &str) -> Self {
         let root = Arc::new(Inode {
             ino: ROOT_INO,
-            parent: ROOT_INO,
-            name: String::new(),
             kind: Kind::Dir,
-            key: root_key.to_owned(),
-            stat: Mutex::new(Stat {
-                size: 0,
-                mtime: SystemTime::now(),
-                etag: None,
-                validated_at: Instant::now(),
-            }),
+            loc: Mutex::new((ROOT_INO, String::new())),
+            stat: Mutex::new(Stat::new(0, SystemTime::now())),
             lookups: Mutex::new(1),
+            open: Mutex::new(None),
         });
-        let mut tables = Tables {
-            next_ino: ROOT_INO + 1,
-            ..Default::default()
-        };
+        let mut tables = Tables { next_ino: ROOT_INO + 1, ..Default::default() };
         tables.by_ino.insert(ROOT_INO, root);
-        InodeTable {
-            tables: Mutex::new(tables),
-        }
+        InodeTable { root_key: root_key.to_owned(), tables: Mutex::new(tables) }
     }
 
     pub fn get(&self, ino: u64) -> Option<Arc<Inode>> {
         self.tables.lock().unwrap().by_ino.get(&ino).cloned()
     }
 
+    /// The S3 key of an inode, from its current place in the tree.
+    pub fn key(&self, inode: &Inode) -> String {
+        if inode.ino == ROOT_INO {
+            return self.root_key.clone();
+        }
+        let t = self.tables.lock().unwrap();
+        let mut names = vec![inode.name()];
+        let mut parent = inode.parent();
+        while parent != ROOT_INO {
+            match t.by_ino.get(&parent) {
+                Some(p) => {
+                    names.push(p.name());
+                    parent = p.parent();
+                }
+                None => break,
+            }
+        }
+        let mut key = self.root_key.clone();
+        for (i, n) in names.iter().rev().enumerate() {
+            key.push_str(n);
+            if i + 1 < names.len() {
+                key.push('/');
+            }
+        }
+        if inode.kind == Kind::Dir {
+            key.push('/');
+        }
+        key
+    }
+
     pub fn child(&self, parent: u64, name: &str) -> Option<Arc<Inode>> {
         let t = self.tables.lock().unwrap();
+        t.by_name.get(&(parent, name.to_owned())).and_then(|ino| t.by_ino.get(ino)).cloned()
+    }
+
+    /// Children of `parent` that have local state not yet in S3 (files being written).
+    pub fn pending_children(&self, parent: u64) -> Vec<Arc<Inode>> {
+        let t = self.tables.lock().unwrap();
         t.by_name
-            .get(&(parent, name.to_owned()))
-            .and_then(|ino| t.by_ino.get(ino))
+            .iter()
+            .filter(|((p, _), _)| *p == parent)
+            .filter_map(|(_, ino)| t.by_ino.get(ino))
+            .filter(|i| i.open_state().is_some_and(|s| s.is_pending()))
             .cloned()
+            .collect()
     }
 
     /// Records that `parent/name` exists with `kind` and `stat`, reusing its inode when the kind
-    /// is unchanged. `lookup` adds one kernel reference (for replies to `lookup`).
-    pub fn upsert(
-        &self,
-        parent: &Inode,
-        name: &str,
-        kind: Kind,
-        stat: Stat,
-        lookup: bool,
-    ) -> Arc<Inode> {
+    /// is unchanged. `lookup` adds one kernel reference (for replies to `lookup`/`create`).
+    pub fn upsert(&self, parent: &Inode, name: &str, kind: Kind, stat: Stat, lookup: bool) -> Arc<Inode> {
         let mut t = self.tables.lock().unwrap();
-        let existing = t
-            .by_name
-            .get(&(parent.ino, name.to_owned()))
-            .and_then(|i| t.by_ino.get(i))
-            .cloned();
+        let existing = t.by_name.get(&(parent.ino, name.to_owned())).and_then(|i| t.by_ino.get(i)).cloned();
         if let Some(inode) = existing
             && inode.kind == kind
         {
@@ -127,18 +182,13 @@ impl InodeTable {
         }
         let ino = t.next_ino;
         t.next_ino += 1;
-        let key = match kind {
-            Kind::Dir => format!("{}{name}/", parent.key),
-            Kind::File => format!("{}{name}", parent.key),
-        };
         let inode = Arc::new(Inode {
             ino,
-            parent: parent.ino,
-            name: name.to_owned(),
             kind,
-            key,
+            loc: Mutex::new((parent.ino, name.to_owned())),
             stat: Mutex::new(stat),
             lookups: Mutex::new(u64::from(lookup)),
+            open: Mutex::new(None),
         });
         t.by_ino.insert(ino, Arc::clone(&inode));
         t.by_name.insert((parent.ino, name.to_owned()), ino);
@@ -147,11 +197,18 @@ impl InodeTable {
 
     /// Forgets the name `parent/name` (the object is gone); the inode lives on until `forget`.
     pub fn unlink_name(&self, parent: u64, name: &str) {
-        self.tables
-            .lock()
-            .unwrap()
-            .by_name
-            .remove(&(parent, name.to_owned()));
+        self.tables.lock().unwrap().by_name.remove(&(parent, name.to_owned()));
+    }
+
+    /// Moves `inode` to `new_parent/new_name`, replacing whatever had that name.
+    pub fn rename(&self, inode: &Inode, new_parent: u64, new_name: &str) {
+        let mut t = self.tables.lock().unwrap();
+        let old = inode.loc.lock().unwrap().clone();
+        if t.by_name.get(&old) == Some(&inode.ino) {
+            t.by_name.remove(&old);
+        }
+        t.by_name.insert((new_parent, new_name.to_owned()), inode.ino);
+        *inode.loc.lock().unwrap() = (new_parent, new_name.to_owned());
     }
 
     /// Drops `n` kernel references; the inode is removed when none remain.
@@ -160,14 +217,12 @@ impl InodeTable {
             return;
         }
         let mut t = self.tables.lock().unwrap();
-        let Some(inode) = t.by_ino.get(&ino).cloned() else {
-            return;
-        };
+        let Some(inode) = t.by_ino.get(&ino).cloned() else { return };
         let mut lookups = inode.lookups.lock().unwrap();
         *lookups = lookups.saturating_sub(n);
-        if *lookups == 0 {
+        if *lookups == 0 && inode.open_state().is_none() {
             t.by_ino.remove(&ino);
-            let name_key = (inode.parent, inode.name.clone());
+            let name_key = inode.loc.lock().unwrap().clone();
             if t.by_name.get(&name_key) == Some(&ino) {
                 t.by_name.remove(&name_key);
             }
@@ -188,22 +243,23 @@ mod tests {
     use super::*;
 
     fn stat() -> Stat {
-        Stat {
-            size: 1,
-            mtime: SystemTime::UNIX_EPOCH,
-            etag: None,
-            validated_at: Instant::now(),
-        }
+        Stat::new(1, SystemTime::UNIX_EPOCH)
     }
 
     #[test]
-    fn keys_follow_the_parent() {
+    fn keys_follow_the_parent_chain_and_renames() {
         let t = InodeTable::new("pre/");
         let root = t.get(ROOT_INO).unwrap();
         let d = t.upsert(&root, "d", Kind::Dir, stat(), true);
         let f = t.upsert(&d, "f", Kind::File, stat(), true);
-        assert_eq!(d.key, "pre/d/");
-        assert_eq!(f.key, "pre/d/f");
+        assert_eq!(t.key(&d), "pre/d/");
+        assert_eq!(t.key(&f), "pre/d/f");
+        assert_eq!(t.key(&root), "pre/");
+        let e = t.upsert(&root, "e", Kind::Dir, stat(), true);
+        t.rename(&d, e.ino, "moved");
+        assert_eq!(t.key(&f), "pre/e/moved/f");
+        assert!(t.child(ROOT_INO, "d").is_none());
+        assert_eq!(t.child(e.ino, "moved").unwrap().ino, d.ino);
     }
 
     #[test]

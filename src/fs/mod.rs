@@ -13,31 +13,49 @@ pub mod error;
 pub mod fuse;
 pub mod inode;
 pub mod prefetch;
+pub mod write;
 
 use std::collections::{BTreeMap, HashMap};
-use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
+use tokio::sync::Semaphore;
 
 pub use error::FsError;
 use inode::{Inode, InodeTable, Kind, ROOT_INO, Stat};
 use prefetch::{Fetcher, Window};
+use write::{OpenState, WriteCtx};
 
 use crate::cache::BlockCache;
 use crate::config::FsConfig;
-use crate::s3::{ObjectId, ObjectMeta, ObjectStore, S3Error};
+use crate::s3::{CompletedPart, ObjectId, ObjectMeta, ObjectStore, S3Error, UserMetadata};
 
 /// Longest file name Linux accepts.
 const NAME_MAX: usize = 255;
+/// Longest S3 key.
+const KEY_MAX: usize = 1024;
 /// Block size reported by `stat`/`statfs`; only used to compute `st_blocks`.
 pub const REPORTED_BLOCK_SIZE: u32 = 4096;
 /// `statfs` totals: S3 has no capacity, so report a very large, obviously synthetic size
 /// (4 PiB of 4 KiB blocks) rather than zeros, which make tools like `df` and installers refuse.
 const STATFS_BLOCKS: u64 = 1 << 40;
 const STATFS_FILES: u64 = 1 << 32;
+/// Largest object CopyObject accepts; bigger ones are copied as a multipart upload.
+pub const COPY_OBJECT_MAX: u64 = 5 << 30;
+/// Part size for multipart copies: large parts keep the part count low for huge objects.
+const COPY_PART_SIZE: u64 = 512 << 20;
+/// Objects copied or deleted at once when renaming a directory.
+const RENAME_CONCURRENCY: usize = 16;
+
+/// User-metadata names (after `x-amz-meta-`) where file attributes persist.
+pub const META_MODE: &str = "s3csi-mode";
+pub const META_UID: &str = "s3csi-uid";
+pub const META_GID: &str = "s3csi-gid";
+pub const META_MTIME: &str = "s3csi-mtime";
+pub const META_TYPE: &str = "s3csi-type";
+const TYPE_SYMLINK: &str = "symlink";
 
 /// Attributes of one inode, as reported to the kernel.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -72,10 +90,23 @@ pub struct StatFs {
     pub namelen: u32,
 }
 
+/// Attribute changes from `setattr`.
+#[derive(Debug, Clone, Default)]
+pub struct SetAttr {
+    pub size: Option<u64>,
+    pub mode: Option<u16>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub mtime: Option<SystemTime>,
+}
+
 struct FileHandle {
     ino: u64,
-    object: Arc<ObjectId>,
-    size: u64,
+    /// The object version a read-only handle reads (when no write state exists).
+    object: Option<(Arc<ObjectId>, u64)>,
+    /// The shared write state, for writers and for readers opened while it existed.
+    state: Option<Arc<OpenState>>,
+    writable: bool,
     window: Mutex<Window>,
 }
 
@@ -89,27 +120,61 @@ pub struct S3Fs<S> {
     config: FsConfig,
     inodes: InodeTable,
     fetcher: Arc<Fetcher<S>>,
+    writes: WriteCtx<S>,
     files: Mutex<HashMap<u64, Arc<FileHandle>>>,
     dirs: Mutex<HashMap<u64, Arc<DirHandle>>>,
     next_fh: AtomicU64,
     max_window: u64,
+    copy_object_max: u64,
 }
 
 /// Whether `name` can be a file name; keys whose segment fails this are not shown.
 pub fn valid_name(name: &str) -> bool {
-    !name.is_empty()
-        && name != "."
-        && name != ".."
-        && name.len() <= NAME_MAX
-        && !name.contains(['/', '\0'])
+    !name.is_empty() && name != "." && name != ".." && name.len() <= NAME_MAX && !name.contains(['/', '\0'])
+}
+
+fn stat_from_meta(meta: &ObjectMeta) -> Stat {
+    let mut stat = Stat::new(meta.size, meta.last_modified);
+    stat.etag = meta.etag.clone();
+    if let Some(m) = &meta.user_metadata {
+        stat.from_head = true;
+        stat.mode = m.get(META_MODE).and_then(|v| u16::from_str_radix(v, 8).ok()).map(|v| v & 0o7777);
+        stat.uid = m.get(META_UID).and_then(|v| v.parse().ok());
+        stat.gid = m.get(META_GID).and_then(|v| v.parse().ok());
+        if let Some(t) = m.get(META_MTIME).and_then(|v| parse_time(v)) {
+            stat.mtime = t;
+        }
+    }
+    stat
+}
+
+fn kind_from_meta(meta: &ObjectMeta) -> Kind {
+    match meta.user_metadata.as_ref().and_then(|m| m.get(META_TYPE)) {
+        Some(t) if t == TYPE_SYMLINK => Kind::Symlink,
+        _ => Kind::File,
+    }
+}
+
+fn parse_time(v: &str) -> Option<SystemTime> {
+    let (secs, nanos) = v.split_once('.').unwrap_or((v, "0"));
+    let d = Duration::new(secs.parse().ok()?, nanos.parse().ok()?);
+    Some(SystemTime::UNIX_EPOCH + d)
+}
+
+fn format_time(t: SystemTime) -> String {
+    let d = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+    format!("{}.{}", d.as_secs(), d.subsec_nanos())
 }
 
 impl<S: ObjectStore> S3Fs<S> {
-    pub fn new(store: Arc<S>, cache: Arc<BlockCache>, config: FsConfig) -> Self {
+    pub fn new(store: Arc<S>, cache: Arc<BlockCache>, config: FsConfig) -> std::io::Result<Self> {
         let max_window = cache.memory_capacity_bytes() / 4;
         let inodes = InodeTable::new(config.prefix.as_str());
-        S3Fs {
-            fetcher: Fetcher::new(Arc::clone(&store), cache),
+        let fetcher = Fetcher::new(Arc::clone(&store), cache);
+        let writes = WriteCtx::new(Arc::clone(&store), Arc::clone(&fetcher), config.write.clone())?;
+        Ok(S3Fs {
+            fetcher,
+            writes,
             store,
             config,
             inodes,
@@ -117,7 +182,8 @@ impl<S: ObjectStore> S3Fs<S> {
             dirs: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             max_window,
-        }
+            copy_object_max: COPY_OBJECT_MAX,
+        })
     }
 
     pub fn ttl(&self) -> Duration {
@@ -128,6 +194,10 @@ impl<S: ObjectStore> S3Fs<S> {
         self.fetcher.cache()
     }
 
+    pub fn staging_used_bytes(&self) -> u64 {
+        self.writes.staging.used_bytes()
+    }
+
     fn fresh(&self, stat: &Stat) -> bool {
         stat.validated_at.elapsed() < self.config.metadata_ttl
     }
@@ -135,27 +205,25 @@ impl<S: ObjectStore> S3Fs<S> {
     fn attr(&self, inode: &Inode) -> Attr {
         let stat = inode.stat();
         let own = &self.config.ownership;
-        match inode.kind {
-            Kind::File => Attr {
-                ino: inode.ino,
-                kind: Kind::File,
-                size: stat.size,
-                mtime: stat.mtime,
-                perm: own.file_mode,
-                uid: own.uid,
-                gid: own.gid,
-                nlink: 1,
-            },
-            Kind::Dir => Attr {
-                ino: inode.ino,
-                kind: Kind::Dir,
-                size: 0,
-                mtime: stat.mtime,
-                perm: own.dir_mode,
-                uid: own.uid,
-                gid: own.gid,
-                nlink: 2,
-            },
+        let size = match (inode.kind, inode.open_state()) {
+            (Kind::Dir, _) => 0,
+            (_, Some(state)) => state.size(),
+            (_, None) => stat.size,
+        };
+        let (default_perm, nlink) = match inode.kind {
+            Kind::Dir => (own.dir_mode, 2),
+            Kind::File => (own.file_mode, 1),
+            Kind::Symlink => (0o777, 1),
+        };
+        Attr {
+            ino: inode.ino,
+            kind: inode.kind,
+            size,
+            mtime: stat.mtime,
+            perm: stat.mode.unwrap_or(default_perm),
+            uid: stat.uid.unwrap_or(own.uid),
+            gid: stat.gid.unwrap_or(own.gid),
+            nlink,
         }
     }
 
@@ -171,25 +239,29 @@ impl<S: ObjectStore> S3Fs<S> {
         Ok(inode)
     }
 
+    fn check_writable(&self) -> Result<(), FsError> {
+        if self.config.read_only { Err(FsError::ReadOnly) } else { Ok(()) }
+    }
+
+    fn check_new_name(&self, dir: &Inode, name: &str) -> Result<String, FsError> {
+        if name.len() > NAME_MAX {
+            return Err(FsError::NameTooLong);
+        }
+        if !valid_name(name) {
+            return Err(FsError::Invalid("names must not be empty, '.', '..' or contain '/'"));
+        }
+        let key = format!("{}{name}/", self.inodes.key(dir));
+        if key.len() > KEY_MAX {
+            return Err(FsError::NameTooLong);
+        }
+        Ok(key[..key.len() - 1].to_owned())
+    }
+
     fn dir_stat() -> Stat {
-        Stat {
-            size: 0,
-            mtime: SystemTime::now(),
-            etag: None,
-            validated_at: Instant::now(),
-        }
+        Stat::new(0, SystemTime::now())
     }
 
-    fn file_stat(meta: &ObjectMeta) -> Stat {
-        Stat {
-            size: meta.size,
-            mtime: meta.last_modified,
-            etag: meta.etag.clone(),
-            validated_at: Instant::now(),
-        }
-    }
-
-    /// Asks S3 what `dir_key + name` is: a directory (wins), a file, or nothing.
+    /// Asks S3 what `dir_key + name` is: a directory (wins), a file or symlink, or nothing.
     async fn probe(&self, dir_key: &str, name: &str) -> Result<Option<(Kind, Stat)>, FsError> {
         let file_key = format!("{dir_key}{name}");
         let dir_prefix = format!("{file_key}/");
@@ -199,38 +271,53 @@ impl<S: ObjectStore> S3Fs<S> {
         );
         let list = list?;
         if !list.objects.is_empty() || !list.common_prefixes.is_empty() {
-            return Ok(Some((Kind::Dir, Self::dir_stat())));
+            let mut stat = Self::dir_stat();
+            if let Some(marker) = list.objects.iter().find(|o| o.key == dir_prefix)
+                && let Ok(meta) = self.store.head_object(&marker.key).await
+            {
+                let m = stat_from_meta(&meta);
+                (stat.mode, stat.uid, stat.gid, stat.from_head) = (m.mode, m.uid, m.gid, true);
+            }
+            return Ok(Some((Kind::Dir, stat)));
         }
         match head {
-            Ok(meta) => Ok(Some((Kind::File, Self::file_stat(&meta)))),
+            Ok(meta) => Ok(Some((kind_from_meta(&meta), stat_from_meta(&meta)))),
             Err(S3Error::NotFound(_)) => Ok(None),
             Err(e) => Err(e.into()),
         }
     }
 
-    pub async fn lookup(&self, parent: u64, name: &str) -> Result<Attr, FsError> {
-        let dir = self.dir_inode(parent)?;
+    /// Finds `parent/name`: from memory when fresh (or being written), otherwise from S3.
+    async fn resolve(&self, dir: &Arc<Inode>, name: &str, lookup: bool) -> Result<Arc<Inode>, FsError> {
         if !valid_name(name) {
             return Err(FsError::NotFound);
         }
-        if let Some(child) = self.inodes.child(parent, name)
-            && self.fresh(&child.stat())
-        {
-            let inode = self
-                .inodes
-                .upsert(&dir, name, child.kind, child.stat(), true);
-            return Ok(self.attr(&inode));
-        }
-        match self.probe(&dir.key, name).await? {
-            Some((kind, stat)) => {
-                let inode = self.inodes.upsert(&dir, name, kind, stat, true);
-                Ok(self.attr(&inode))
+        if let Some(child) = self.inodes.child(dir.ino, name) {
+            let stat = child.stat();
+            let pending = child.open_state().is_some_and(|s| s.is_pending());
+            if pending || (self.fresh(&stat) && (stat.from_head || child.kind == Kind::Dir)) {
+                return Ok(self.inodes.upsert(dir, name, child.kind, stat, lookup));
             }
+            if self.fresh(&stat) && child.kind == Kind::File {
+                // Known from a listing: one HEAD for the metadata kept in the object.
+                if let Ok(meta) = self.store.head_object(&self.inodes.key(&child)).await {
+                    return Ok(self.inodes.upsert(dir, name, kind_from_meta(&meta), stat_from_meta(&meta), lookup));
+                }
+            }
+        }
+        match self.probe(&self.inodes.key(dir), name).await? {
+            Some((kind, stat)) => Ok(self.inodes.upsert(dir, name, kind, stat, lookup)),
             None => {
-                self.inodes.unlink_name(parent, name);
+                self.inodes.unlink_name(dir.ino, name);
                 Err(FsError::NotFound)
             }
         }
+    }
+
+    pub async fn lookup(&self, parent: u64, name: &str) -> Result<Attr, FsError> {
+        let dir = self.dir_inode(parent)?;
+        let inode = self.resolve(&dir, name, true).await?;
+        Ok(self.attr(&inode))
     }
 
     pub fn forget(&self, ino: u64, nlookup: u64) {
@@ -239,11 +326,11 @@ impl<S: ObjectStore> S3Fs<S> {
 
     pub async fn getattr(&self, ino: u64) -> Result<Attr, FsError> {
         let inode = self.inode(ino)?;
-        if inode.kind == Kind::File && !self.fresh(&inode.stat()) {
-            match self.store.head_object(&inode.key).await {
-                Ok(meta) => inode.set_stat(Self::file_stat(&meta)),
+        if inode.kind != Kind::Dir && inode.open_state().is_none() && !self.fresh(&inode.stat()) {
+            match self.store.head_object(&self.inodes.key(&inode)).await {
+                Ok(meta) => inode.set_stat(stat_from_meta(&meta)),
                 Err(S3Error::NotFound(_)) => {
-                    self.inodes.unlink_name(inode.parent, &inode.name);
+                    self.inodes.unlink_name(inode.parent(), &inode.name());
                     return Err(FsError::NotFound);
                 }
                 Err(e) => return Err(e.into()),
@@ -252,67 +339,486 @@ impl<S: ObjectStore> S3Fs<S> {
         Ok(self.attr(&inode))
     }
 
-    /// Opens a file for reading. Always asks S3 for the current object, so a reopened file
-    /// never serves an old version. Write access is refused until writes land.
+    fn new_handle(&self, handle: FileHandle) -> u64 {
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        self.files.lock().unwrap().insert(fh, Arc::new(handle));
+        fh
+    }
+
+    fn handle(&self, fh: u64) -> Result<Arc<FileHandle>, FsError> {
+        self.files.lock().unwrap().get(&fh).cloned().ok_or(FsError::BadHandle)
+    }
+
+    /// HEADs the object behind `inode`, refreshing its stat.
+    async fn head(&self, inode: &Inode) -> Result<ObjectMeta, FsError> {
+        match self.store.head_object(&self.inodes.key(inode)).await {
+            Ok(meta) => {
+                inode.set_stat(stat_from_meta(&meta));
+                Ok(meta)
+            }
+            Err(S3Error::NotFound(_)) => {
+                self.inodes.unlink_name(inode.parent(), &inode.name());
+                Err(FsError::NotFound)
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// The write state of a file, creating it from S3 (or empty, for `truncate`) when needed.
+    async fn open_state(&self, inode: &Inode, truncate: bool) -> Result<Arc<OpenState>, FsError> {
+        if let Some(state) = inode.open_state() {
+            if truncate {
+                state.truncate(&self.writes, &self.inodes.key(inode), 0).await?;
+            }
+            return Ok(state);
+        }
+        let state = if truncate {
+            let metadata = self.metadata_of(inode);
+            OpenState::new_empty(metadata, false)
+        } else {
+            let meta = self.head(inode).await?;
+            let metadata = meta.user_metadata.clone().unwrap_or_default();
+            OpenState::from_object(Arc::new(ObjectId::from_meta(&meta)), meta.size, metadata)
+        };
+        let mut slot = inode.open.lock().unwrap();
+        Ok(Arc::clone(slot.get_or_insert(state)))
+    }
+
+    /// Metadata that carries the inode's persisted attributes.
+    fn metadata_of(&self, inode: &Inode) -> UserMetadata {
+        let stat = inode.stat();
+        let mut m = UserMetadata::new();
+        if let Some(mode) = stat.mode {
+            m.insert(META_MODE.into(), format!("{mode:o}"));
+        }
+        if let Some(uid) = stat.uid {
+            m.insert(META_UID.into(), uid.to_string());
+        }
+        if let Some(gid) = stat.gid {
+            m.insert(META_GID.into(), gid.to_string());
+        }
+        if inode.kind == Kind::Symlink {
+            m.insert(META_TYPE.into(), TYPE_SYMLINK.into());
+        }
+        m
+    }
+
+    /// Opens a file. Read-only opens always ask S3 for the current object, so a reopened file
+    /// never serves an old version; opens for writing share the file's write state.
     pub async fn open(&self, ino: u64, flags: i32) -> Result<u64, FsError> {
         let inode = self.inode(ino)?;
         if inode.kind == Kind::Dir {
             return Err(FsError::IsDir);
         }
-        let wants_write = flags & libc::O_ACCMODE != libc::O_RDONLY || flags & libc::O_TRUNC != 0;
-        if wants_write {
-            return Err(if self.config.read_only {
-                FsError::ReadOnly
-            } else {
-                FsError::NotSupported("writing")
-            });
-        }
-        let meta = match self.store.head_object(&inode.key).await {
-            Ok(meta) => meta,
-            Err(S3Error::NotFound(_)) => {
-                self.inodes.unlink_name(inode.parent, &inode.name);
-                return Err(FsError::NotFound);
+        let writable = flags & libc::O_ACCMODE != libc::O_RDONLY;
+        let truncate = flags & libc::O_TRUNC != 0;
+        let window = Mutex::new(Window::new(self.max_window));
+        if !writable && !truncate {
+            if let Some(state) = inode.open_state() {
+                return Ok(self.new_handle(FileHandle { ino, object: None, state: Some(state), writable, window }));
             }
-            Err(e) => return Err(e.into()),
-        };
-        inode.set_stat(Self::file_stat(&meta));
-        let handle = FileHandle {
-            ino,
-            object: Arc::new(ObjectId::from_meta(&meta)),
-            size: meta.size,
-            window: Mutex::new(Window::new(self.max_window)),
-        };
-        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-        self.files.lock().unwrap().insert(fh, Arc::new(handle));
-        Ok(fh)
+            let meta = self.head(&inode).await?;
+            let object = Some((Arc::new(ObjectId::from_meta(&meta)), meta.size));
+            return Ok(self.new_handle(FileHandle { ino, object, state: None, writable, window }));
+        }
+        self.check_writable()?;
+        let state = self.open_state(&inode, truncate).await?;
+        if writable {
+            state.add_writer();
+        }
+        Ok(self.new_handle(FileHandle { ino, object: None, state: Some(state), writable, window }))
+    }
+
+    /// Creates and opens a new file; it reaches S3 when first flushed or closed.
+    pub async fn create(&self, parent: u64, name: &str, mode: u16, flags: i32) -> Result<(Attr, u64), FsError> {
+        self.check_writable()?;
+        let dir = self.dir_inode(parent)?;
+        self.check_new_name(&dir, name)?;
+        if flags & libc::O_EXCL != 0 && self.resolve(&dir, name, false).await.is_ok() {
+            return Err(FsError::Exists);
+        }
+        let mut stat = Stat::new(0, SystemTime::now());
+        stat.from_head = true;
+        if mode & 0o7777 != self.config.ownership.file_mode {
+            stat.mode = Some(mode & 0o7777);
+        }
+        let inode = self.inodes.upsert(&dir, name, Kind::File, stat, true);
+        let state = OpenState::new_empty(self.metadata_of(&inode), true);
+        if let Some(old) = inode.open.lock().unwrap().replace(Arc::clone(&state)) {
+            old.mark_unlinked();
+        }
+        state.add_writer();
+        let window = Mutex::new(Window::new(self.max_window));
+        let fh =
+            self.new_handle(FileHandle { ino: inode.ino, object: None, state: Some(state), writable: true, window });
+        Ok((self.attr(&inode), fh))
     }
 
     /// Reads up to `size` bytes at `offset`; short at end of file. Returns block slices.
     pub async fn read(&self, fh: u64, offset: u64, size: u32) -> Result<Vec<Bytes>, FsError> {
-        let handle = self
-            .files
-            .lock()
-            .unwrap()
-            .get(&fh)
-            .cloned()
-            .ok_or(FsError::BadHandle)?;
-        let end = offset.saturating_add(u64::from(size)).min(handle.size);
+        let handle = self.handle(fh)?;
+        if let Some(state) = &handle.state {
+            let inode = self.inode(handle.ino)?;
+            return state.read(&self.writes, &self.inodes.key(&inode), offset, u64::from(size)).await;
+        }
+        let (object, obj_size) = handle.object.as_ref().expect("read handles have an object or a state");
+        let end = offset.saturating_add(u64::from(size)).min(*obj_size);
         if offset >= end {
             return Ok(Vec::new());
         }
         let prefetch = handle.window.lock().unwrap().on_read(offset, end - offset);
-        let range: Range<u64> = offset..end;
-        let data = self
-            .fetcher
-            .read(&handle.object, handle.size, range, prefetch)
-            .await?;
-        Ok(data)
+        Ok(self.fetcher.read(object, *obj_size, offset..end, prefetch).await?)
     }
 
-    pub fn release(&self, fh: u64) {
-        if let Some(h) = self.files.lock().unwrap().remove(&fh) {
-            tracing::trace!(ino = h.ino, "released");
+    pub async fn write(&self, fh: u64, offset: u64, data: &[u8]) -> Result<u32, FsError> {
+        let handle = self.handle(fh)?;
+        let state = handle.state.as_ref().filter(|_| handle.writable).ok_or(FsError::BadHandle)?;
+        let inode = self.inode(handle.ino)?;
+        state.write(&self.writes, &self.inodes.key(&inode), offset, data).await?;
+        Ok(data.len() as u32)
+    }
+
+    /// Commits the file behind `fh` (close and fsync both call this).
+    pub async fn flush(&self, fh: u64) -> Result<(), FsError> {
+        let handle = self.handle(fh)?;
+        let Some(state) = &handle.state else { return Ok(()) };
+        let inode = self.inode(handle.ino)?;
+        self.commit(&inode, state).await
+    }
+
+    async fn commit(&self, inode: &Inode, state: &OpenState) -> Result<(), FsError> {
+        let key = self.inodes.key(inode);
+        if let Some(object) = state.commit(&self.writes, &key).await? {
+            let mut stat = inode.stat();
+            stat.size = state.size();
+            stat.etag = Some(object.version.clone());
+            stat.mtime = SystemTime::now();
+            stat.validated_at = Instant::now();
+            inode.set_stat(stat);
         }
+        Ok(())
+    }
+
+    pub async fn release(&self, fh: u64) -> Result<(), FsError> {
+        let Some(handle) = self.files.lock().unwrap().remove(&fh) else { return Ok(()) };
+        let Some(state) = handle.state.as_ref().filter(|_| handle.writable) else { return Ok(()) };
+        if !state.remove_writer() {
+            return Ok(());
+        }
+        let inode = self.inode(handle.ino)?;
+        let result = self.commit(&inode, state).await;
+        if state.writers() == 0 {
+            let mut slot = inode.open.lock().unwrap();
+            if slot.as_ref().is_some_and(|s| Arc::ptr_eq(s, state)) {
+                *slot = None;
+            }
+        }
+        state.discard(&self.writes).await;
+        result
+    }
+
+    pub async fn setattr(&self, ino: u64, fh: Option<u64>, changes: SetAttr) -> Result<Attr, FsError> {
+        self.check_writable()?;
+        let inode = self.inode(ino)?;
+        if let Some(size) = changes.size {
+            if inode.kind == Kind::Dir {
+                return Err(FsError::IsDir);
+            }
+            let from_handle = fh.and_then(|fh| self.handle(fh).ok()).and_then(|h| h.state.clone());
+            let existing = from_handle.or_else(|| inode.open_state());
+            let key = self.inodes.key(&inode);
+            match existing {
+                Some(state) => state.truncate(&self.writes, &key, size).await?,
+                None => {
+                    // No open file: truncate and commit right away.
+                    let state = self.open_state(&inode, size == 0).await?;
+                    let r = async {
+                        state.truncate(&self.writes, &key, size).await?;
+                        self.commit(&inode, &state).await
+                    }
+                    .await;
+                    *inode.open.lock().unwrap() = None;
+                    state.discard(&self.writes).await;
+                    r?;
+                }
+            }
+        }
+        if changes.mode.is_some() || changes.uid.is_some() || changes.gid.is_some() || changes.mtime.is_some() {
+            let mut stat = inode.stat();
+            if let Some(mode) = changes.mode {
+                stat.mode = Some(mode & 0o7777);
+            }
+            stat.uid = changes.uid.or(stat.uid);
+            stat.gid = changes.gid.or(stat.gid);
+            if let Some(t) = changes.mtime {
+                stat.mtime = t;
+            }
+            inode.set_stat(stat.clone());
+            let mut metadata = self.metadata_of(&inode);
+            if changes.mtime.is_some() {
+                metadata.insert(META_MTIME.into(), format_time(stat.mtime));
+            }
+            self.store_metadata(&inode, metadata).await?;
+        }
+        Ok(self.attr(&inode))
+    }
+
+    /// Persists metadata: with the next commit of an open file, by a marker for a directory,
+    /// or by copying the object onto itself.
+    async fn store_metadata(&self, inode: &Inode, metadata: UserMetadata) -> Result<(), FsError> {
+        let key = self.inodes.key(inode);
+        if let Some(state) = inode.open_state() {
+            state.update_metadata(|m| *m = metadata).await;
+            return Ok(());
+        }
+        if inode.kind == Kind::Dir {
+            if inode.ino == ROOT_INO {
+                return Err(FsError::NotSupported("changing attributes of the mount root"));
+            }
+            self.store.put_object(&key, Bytes::new(), &metadata).await?;
+            return Ok(());
+        }
+        let meta = self.head(inode).await?;
+        self.copy_any(&ObjectId::from_meta(&meta), meta.size, &key, Some(&metadata)).await
+    }
+
+    /// Server-side copy of any size: CopyObject up to 5 GiB, a multipart copy above.
+    async fn copy_any(
+        &self,
+        src: &ObjectId,
+        size: u64,
+        dest: &str,
+        metadata: Option<&UserMetadata>,
+    ) -> Result<(), FsError> {
+        if size <= self.copy_object_max {
+            self.store.copy_object(src, dest, metadata).await?;
+            return Ok(());
+        }
+        let metadata = match metadata {
+            Some(m) => m.clone(),
+            None => self.store.head_object(&src.key).await?.user_metadata.unwrap_or_default(),
+        };
+        let id = self.store.create_multipart_upload(dest, &metadata).await?;
+        let part_size = COPY_PART_SIZE.min(self.copy_object_max).max(size.div_ceil(10_000));
+        let mut parts = Vec::new();
+        let mut result = Ok(());
+        let mut start = 0;
+        while start < size {
+            let end = (start + part_size).min(size);
+            let number = parts.len() as i32 + 1;
+            match self.store.upload_part_copy(dest, &id, number, src, start..end).await {
+                Ok(etag) => parts.push(CompletedPart { number, etag }),
+                Err(e) => {
+                    result = Err(e);
+                    break;
+                }
+            }
+            start = end;
+        }
+        let result = match result {
+            Ok(()) => self.store.complete_multipart_upload(dest, &id, parts).await.map(|_| ()),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = result {
+            if let Err(abort) = self.store.abort_multipart_upload(dest, &id).await {
+                tracing::warn!(key = dest, error = %abort, "cannot abort multipart copy");
+            }
+            return Err(e.into());
+        }
+        Ok(())
+    }
+
+    pub async fn mkdir(&self, parent: u64, name: &str, mode: u16) -> Result<Attr, FsError> {
+        self.check_writable()?;
+        let dir = self.dir_inode(parent)?;
+        let key = self.check_new_name(&dir, name)?;
+        if self.resolve(&dir, name, false).await.is_ok() {
+            return Err(FsError::Exists);
+        }
+        let mut stat = Self::dir_stat();
+        stat.from_head = true;
+        let mut metadata = UserMetadata::new();
+        if mode & 0o7777 != self.config.ownership.dir_mode {
+            stat.mode = Some(mode & 0o7777);
+            metadata.insert(META_MODE.into(), format!("{:o}", mode & 0o7777));
+        }
+        self.store.put_object(&format!("{key}/"), Bytes::new(), &metadata).await?;
+        let inode = self.inodes.upsert(&dir, name, Kind::Dir, stat, true);
+        Ok(self.attr(&inode))
+    }
+
+    pub async fn symlink(&self, parent: u64, name: &str, target: &str) -> Result<Attr, FsError> {
+        self.check_writable()?;
+        let dir = self.dir_inode(parent)?;
+        let key = self.check_new_name(&dir, name)?;
+        if self.resolve(&dir, name, false).await.is_ok() {
+            return Err(FsError::Exists);
+        }
+        let mut metadata = UserMetadata::new();
+        metadata.insert(META_TYPE.into(), TYPE_SYMLINK.into());
+        let etag = self.store.put_object(&key, Bytes::copy_from_slice(target.as_bytes()), &metadata).await?;
+        let mut stat = Stat::new(target.len() as u64, SystemTime::now());
+        stat.etag = Some(etag);
+        stat.from_head = true;
+        let inode = self.inodes.upsert(&dir, name, Kind::Symlink, stat, true);
+        Ok(self.attr(&inode))
+    }
+
+    pub async fn readlink(&self, ino: u64) -> Result<Bytes, FsError> {
+        let inode = self.inode(ino)?;
+        if inode.kind != Kind::Symlink {
+            return Err(FsError::Invalid("not a symbolic link"));
+        }
+        let meta = self.head(&inode).await?;
+        let object = Arc::new(ObjectId::from_meta(&meta));
+        Ok(self.fetcher.read(&object, meta.size, 0..meta.size, 0).await?.concat().into())
+    }
+
+    pub async fn unlink(&self, parent: u64, name: &str) -> Result<(), FsError> {
+        self.check_writable()?;
+        let dir = self.dir_inode(parent)?;
+        let inode = self.resolve(&dir, name, false).await?;
+        if inode.kind == Kind::Dir {
+            return Err(FsError::IsDir);
+        }
+        if let Some(state) = inode.open_state() {
+            state.mark_unlinked();
+        }
+        self.store.delete_object(&self.inodes.key(&inode)).await?;
+        self.inodes.unlink_name(parent, name);
+        Ok(())
+    }
+
+    /// Whether a directory has any entry (in S3 or being written here).
+    async fn dir_has_entries(&self, dir: &Inode) -> Result<bool, FsError> {
+        if !self.inodes.pending_children(dir.ino).is_empty() {
+            return Ok(true);
+        }
+        let key = self.inodes.key(dir);
+        let page = self.store.list_page(&key, Some("/"), None, Some(2)).await?;
+        Ok(!page.common_prefixes.is_empty() || page.objects.iter().any(|o| o.key != key))
+    }
+
+    pub async fn rmdir(&self, parent: u64, name: &str) -> Result<(), FsError> {
+        self.check_writable()?;
+        let dir = self.dir_inode(parent)?;
+        let inode = self.resolve(&dir, name, false).await?;
+        if inode.kind != Kind::Dir {
+            return Err(FsError::NotDir);
+        }
+        if self.dir_has_entries(&inode).await? {
+            return Err(FsError::NotEmpty);
+        }
+        self.store.delete_object(&self.inodes.key(&inode)).await?;
+        self.inodes.unlink_name(parent, name);
+        Ok(())
+    }
+
+    /// Renames a file (copy, then delete) or a directory (every key under it; not atomic).
+    pub async fn rename(
+        &self,
+        parent: u64,
+        name: &str,
+        newparent: u64,
+        newname: &str,
+        flags: u32,
+    ) -> Result<(), FsError> {
+        self.check_writable()?;
+        if flags & libc::RENAME_EXCHANGE != 0 {
+            return Err(FsError::NotSupported("RENAME_EXCHANGE"));
+        }
+        let dir = self.dir_inode(parent)?;
+        let newdir = self.dir_inode(newparent)?;
+        let new_key_base = self.check_new_name(&newdir, newname)?;
+        let src = self.resolve(&dir, name, false).await?;
+        let target = match self.resolve(&newdir, newname, false).await {
+            Ok(t) => Some(t),
+            Err(FsError::NotFound) => None,
+            Err(e) => return Err(e),
+        };
+        if let Some(t) = &target {
+            if t.ino == src.ino {
+                return Ok(());
+            }
+            if flags & libc::RENAME_NOREPLACE != 0 {
+                return Err(FsError::Exists);
+            }
+            match (src.kind == Kind::Dir, t.kind == Kind::Dir) {
+                (false, true) => return Err(FsError::IsDir),
+                (true, false) => return Err(FsError::NotDir),
+                (true, true) if self.dir_has_entries(t).await? => return Err(FsError::NotEmpty),
+                _ => {}
+            }
+        }
+        if src.kind == Kind::Dir {
+            let new_prefix = format!("{new_key_base}/");
+            let old_prefix = self.inodes.key(&src);
+            if new_prefix.starts_with(&old_prefix) {
+                return Err(FsError::Invalid("cannot move a directory into itself"));
+            }
+            if let Some(t) = &target {
+                self.store.delete_object(&self.inodes.key(t)).await?;
+            }
+            self.rename_dir(&old_prefix, &new_prefix).await?;
+        } else {
+            if let Some(state) = src.open_state() {
+                self.commit(&src, &state).await?;
+            }
+            let meta = self.head(&src).await?;
+            self.copy_any(&ObjectId::from_meta(&meta), meta.size, &new_key_base, None).await?;
+            self.store.delete_object(&meta.key).await?;
+        }
+        if let Some(t) = &target {
+            self.inodes.unlink_name(newparent, newname);
+            if let Some(state) = t.open_state() {
+                state.mark_unlinked();
+            }
+        }
+        self.inodes.rename(&src, newparent, newname);
+        Ok(())
+    }
+
+    /// Copies every key under `old` to `new`, then deletes the originals; bounded concurrency.
+    /// A crash in the middle leaves both trees, each complete up to the failure, never a lost key.
+    async fn rename_dir(&self, old: &str, new: &str) -> Result<(), FsError> {
+        let mut keys = Vec::new();
+        let mut token = None;
+        loop {
+            let page = self.store.list_page(old, None, token, None).await?;
+            keys.extend(page.objects);
+            match page.next_token {
+                Some(t) => token = Some(t),
+                None => break,
+            }
+        }
+        let this = self;
+        let gate = Arc::new(Semaphore::new(RENAME_CONCURRENCY));
+        let mut copies = futures::stream::FuturesUnordered::new();
+        for meta in &keys {
+            let gate = Arc::clone(&gate);
+            let dest = format!("{new}{}", &meta.key[old.len()..]);
+            copies.push(async move {
+                let _permit = gate.acquire().await.expect("never closed");
+                this.copy_any(&ObjectId::from_meta(meta), meta.size, &dest, None).await
+            });
+        }
+        use futures::StreamExt;
+        while let Some(r) = copies.next().await {
+            r?;
+        }
+        drop(copies);
+        let mut deletes = futures::stream::FuturesUnordered::new();
+        for meta in &keys {
+            let gate = Arc::clone(&gate);
+            deletes.push(async move {
+                let _permit = gate.acquire().await.expect("never closed");
+                this.store.delete_object(&meta.key).await
+            });
+        }
+        while let Some(r) = deletes.next().await {
+            r?;
+        }
+        Ok(())
     }
 
     /// Lists a directory completely (all pages) and snapshots it for `readdir`.
@@ -320,35 +826,26 @@ impl<S: ObjectStore> S3Fs<S> {
         let dir = self.dir_inode(ino)?;
         let entries = self.list_dir(&dir).await?;
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-        self.dirs
-            .lock()
-            .unwrap()
-            .insert(fh, Arc::new(DirHandle { entries }));
+        self.dirs.lock().unwrap().insert(fh, Arc::new(DirHandle { entries }));
         Ok(fh)
     }
 
     async fn list_dir(&self, dir: &Arc<Inode>) -> Result<Vec<DirEntry>, FsError> {
-        let mut names: BTreeMap<String, (Kind, Stat)> = BTreeMap::new();
+        let dir_key = self.inodes.key(dir);
+        let mut names: BTreeMap<String, (Kind, Option<Stat>)> = BTreeMap::new();
         let mut token = None;
-        let mut saw_anything = false;
         loop {
-            let page = self
-                .store
-                .list_page(&dir.key, Some("/"), token, None)
-                .await?;
-            saw_anything |= !page.objects.is_empty() || !page.common_prefixes.is_empty();
+            let page = self.store.list_page(&dir_key, Some("/"), token, None).await?;
             for p in &page.common_prefixes {
-                let name = p[dir.key.len()..].trim_end_matches('/');
+                let name = p[dir_key.len()..].trim_end_matches('/');
                 if valid_name(name) && p.ends_with('/') && !name.contains('/') {
-                    names.insert(name.to_owned(), (Kind::Dir, Self::dir_stat()));
+                    names.insert(name.to_owned(), (Kind::Dir, None));
                 } else {
                     tracing::debug!(prefix = %p, "skipping prefix that cannot be a directory name");
                 }
             }
             for o in &page.objects {
-                let Some(name) = o.key.strip_prefix(dir.key.as_str()) else {
-                    continue;
-                };
+                let Some(name) = o.key.strip_prefix(dir_key.as_str()) else { continue };
                 if name.is_empty() {
                     continue; // the directory's own marker object
                 }
@@ -357,36 +854,27 @@ impl<S: ObjectStore> S3Fs<S> {
                     continue;
                 }
                 // A directory of the same name wins (it may come on a later page).
-                names
-                    .entry(name.to_owned())
-                    .or_insert_with(|| (Kind::File, Self::file_stat(o)));
+                names.entry(name.to_owned()).or_insert_with(|| (Kind::File, Some(stat_from_meta(o))));
             }
             match page.next_token {
                 Some(t) => token = Some(t),
                 None => break,
             }
         }
-        // Listing pages can put `x` before `x/`; re-apply "directory wins" now all pages are in.
-        let dir_names: Vec<String> = names
-            .iter()
-            .filter(|(_, (k, _))| *k == Kind::Dir)
-            .map(|(n, _)| n.clone())
-            .collect();
-        for n in dir_names {
-            names.insert(n, (Kind::Dir, Self::dir_stat()));
-        }
-        if !saw_anything && dir.ino != ROOT_INO {
-            // The directory vanished (all its keys were deleted elsewhere).
-            tracing::debug!(key = %dir.key, "directory listing is empty");
+        for child in self.inodes.pending_children(dir.ino) {
+            names.entry(child.name()).or_insert((child.kind, None));
         }
         let mut entries = Vec::with_capacity(names.len());
         for (name, (kind, stat)) in names {
-            let inode = self.inodes.upsert(dir, &name, kind, stat, false);
-            entries.push(DirEntry {
-                ino: inode.ino,
-                name,
-                kind,
-            });
+            let inode = match (self.inodes.child(dir.ino, &name), stat) {
+                // Keep what we know (kind from HEAD, write state) for names we have seen.
+                (Some(existing), Some(stat)) if existing.kind != Kind::Dir && existing.stat().size == stat.size => {
+                    existing
+                }
+                (Some(existing), None) if existing.kind == kind || kind != Kind::Dir => existing,
+                (_, stat) => self.inodes.upsert(dir, &name, kind, stat.unwrap_or_else(Self::dir_stat), false),
+            };
+            entries.push(DirEntry { ino: inode.ino, name, kind: inode.kind });
         }
         Ok(entries)
     }
@@ -394,31 +882,13 @@ impl<S: ObjectStore> S3Fs<S> {
     /// Entries of an open directory from `offset` (0 = start; `.` and `..` come first).
     pub fn readdir(&self, ino: u64, fh: u64, offset: u64) -> Result<Vec<(u64, DirEntry)>, FsError> {
         let dir = self.dir_inode(ino)?;
-        let handle = self
-            .dirs
-            .lock()
-            .unwrap()
-            .get(&fh)
-            .cloned()
-            .ok_or(FsError::BadHandle)?;
+        let handle = self.dirs.lock().unwrap().get(&fh).cloned().ok_or(FsError::BadHandle)?;
         let dots = [
-            DirEntry {
-                ino: dir.ino,
-                name: ".".into(),
-                kind: Kind::Dir,
-            },
-            DirEntry {
-                ino: dir.parent,
-                name: "..".into(),
-                kind: Kind::Dir,
-            },
+            DirEntry { ino: dir.ino, name: ".".into(), kind: Kind::Dir },
+            DirEntry { ino: dir.parent(), name: "..".into(), kind: Kind::Dir },
         ];
         let all = dots.into_iter().chain(handle.entries.iter().cloned());
-        Ok(all
-            .enumerate()
-            .skip(offset as usize)
-            .map(|(i, e)| (i as u64 + 1, e))
-            .collect())
+        Ok(all.enumerate().skip(offset as usize).map(|(i, e)| (i as u64 + 1, e)).collect())
     }
 
     pub fn releasedir(&self, fh: u64) {
@@ -437,13 +907,9 @@ impl<S: ObjectStore> S3Fs<S> {
         }
     }
 
-    /// Refuses a namespace or data change: EROFS on read-only mounts.
-    pub fn refuse_write(&self, what: &'static str) -> FsError {
-        if self.config.read_only {
-            FsError::ReadOnly
-        } else {
-            FsError::NotSupported(what)
-        }
+    /// Refuses an operation S3 cannot represent (hard links, device nodes).
+    pub fn refuse(&self, what: &'static str) -> FsError {
+        if self.config.read_only { FsError::ReadOnly } else { FsError::NotSupported(what) }
     }
 }
 
@@ -457,25 +923,26 @@ mod tests {
         let config = FsConfig {
             prefix: prefix.parse::<Prefix>().unwrap(),
             read_only: false,
-            ownership: Ownership {
-                uid: 7,
-                gid: 8,
-                file_mode: 0o640,
-                dir_mode: 0o750,
-            },
+            ownership: Ownership { uid: 7, gid: 8, file_mode: 0o640, dir_mode: 0o750 },
             metadata_ttl: ttl,
+            write: test_write_config(),
         };
-        S3Fs::new(store, Arc::new(BlockCache::new(64 << 20, None)), config)
+        S3Fs::new(store, Arc::new(BlockCache::new(64 << 20, None)), config).unwrap()
+    }
+
+    fn test_write_config() -> crate::fs::write::WriteConfig {
+        let dir = tempfile::tempdir().unwrap().keep();
+        crate::fs::write::WriteConfig {
+            part_size: 5 << 20,
+            buffer_bytes: 32 << 20,
+            staging_dir: dir,
+            staging_bytes: 1 << 30,
+        }
     }
 
     async fn names(fs: &S3Fs<FakeStore>, ino: u64) -> Vec<String> {
         let fh = fs.opendir(ino).await.unwrap();
-        let v = fs
-            .readdir(ino, fh, 2)
-            .unwrap()
-            .into_iter()
-            .map(|(_, e)| e.name)
-            .collect();
+        let v = fs.readdir(ino, fh, 2).unwrap().into_iter().map(|(_, e)| e.name).collect();
         fs.releasedir(fh);
         v
     }
@@ -484,74 +951,38 @@ mod tests {
         let fh = fs.open(ino, libc::O_RDONLY).await.unwrap();
         let mut out = Vec::new();
         loop {
-            let chunk = fs
-                .read(fh, out.len() as u64, 131072)
-                .await
-                .unwrap()
-                .concat();
+            let chunk = fs.read(fh, out.len() as u64, 131072).await.unwrap().concat();
             if chunk.is_empty() {
                 break;
             }
             out.extend(chunk);
         }
-        fs.release(fh);
+        fs.release(fh).await.unwrap();
         out
     }
 
     #[tokio::test]
     async fn implicit_dirs_markers_and_conflicts() {
         let store = Arc::new(FakeStore::new("b"));
-        for k in [
-            "a/b/c.txt",
-            "empty/",
-            "x",
-            "x/y",
-            "top.txt",
-            "odd//name",
-            "./dot",
-            "a/b/",
-        ] {
+        for k in ["a/b/c.txt", "empty/", "x", "x/y", "top.txt", "odd//name", "./dot", "a/b/"] {
             store.put(k, "data");
         }
         store.put(&format!("long/{}", "n".repeat(300)), "z");
         let fs = fs_with(store, "", Duration::from_secs(60));
-        assert_eq!(
-            names(&fs, ROOT_INO).await,
-            ["a", "empty", "long", "odd", "top.txt", "x"]
-        );
+        assert_eq!(names(&fs, ROOT_INO).await, ["a", "empty", "long", "odd", "top.txt", "x"]);
         let x = fs.lookup(ROOT_INO, "x").await.unwrap();
-        assert_eq!(
-            x.kind,
-            Kind::Dir,
-            "directory wins over file of the same name"
-        );
+        assert_eq!(x.kind, Kind::Dir, "directory wins over file of the same name");
         let a = fs.lookup(ROOT_INO, "a").await.unwrap();
         let b = fs.lookup(a.ino, "b").await.unwrap();
-        assert_eq!(
-            names(&fs, b.ino).await,
-            ["c.txt"],
-            "marker a/b/ itself is not an entry"
-        );
+        assert_eq!(names(&fs, b.ino).await, ["c.txt"], "marker a/b/ itself is not an entry");
         let empty = fs.lookup(ROOT_INO, "empty").await.unwrap();
         assert!(names(&fs, empty.ino).await.is_empty());
         let odd = fs.lookup(ROOT_INO, "odd").await.unwrap();
-        assert!(
-            names(&fs, odd.ino).await.is_empty(),
-            "empty segment is skipped"
-        );
+        assert!(names(&fs, odd.ino).await.is_empty(), "empty segment is skipped");
         let long = fs.lookup(ROOT_INO, "long").await.unwrap();
-        assert!(
-            names(&fs, long.ino).await.is_empty(),
-            "300-byte name is skipped"
-        );
-        assert!(matches!(
-            fs.lookup(ROOT_INO, "..").await,
-            Err(FsError::NotFound)
-        ));
-        assert!(matches!(
-            fs.lookup(ROOT_INO, "nope").await,
-            Err(FsError::NotFound)
-        ));
+        assert!(names(&fs, long.ino).await.is_empty(), "300-byte name is skipped");
+        assert!(matches!(fs.lookup(ROOT_INO, "..").await, Err(FsError::NotFound)));
+        assert!(matches!(fs.lookup(ROOT_INO, "nope").await, Err(FsError::NotFound)));
     }
 
     #[tokio::test]
@@ -560,10 +991,7 @@ mod tests {
         store.put("f", vec![1u8; 1234]);
         let fs = fs_with(store, "", Duration::from_secs(60));
         let f = fs.lookup(ROOT_INO, "f").await.unwrap();
-        assert_eq!(
-            (f.size, f.perm, f.uid, f.gid, f.kind),
-            (1234, 0o640, 7, 8, Kind::File)
-        );
+        assert_eq!((f.size, f.perm, f.uid, f.gid, f.kind), (1234, 0o640, 7, 8, Kind::File));
         let root = fs.getattr(ROOT_INO).await.unwrap();
         assert_eq!((root.perm, root.kind), (0o750, Kind::Dir));
     }
@@ -593,7 +1021,7 @@ mod tests {
             Ok(d) => assert!(d.concat().iter().all(|b| *b == 1)),
             Err(e) => assert_eq!(e.errno(), libc::ESTALE),
         }
-        fs.release(fh);
+        fs.release(fh).await.unwrap();
         assert_eq!(read_all(&fs, f.ino).await, vec![2u8; 2 << 20]);
     }
 
@@ -604,11 +1032,7 @@ mod tests {
         let fs = fs_with(Arc::clone(&store), "", Duration::from_secs(3600));
         let f = fs.lookup(ROOT_INO, "f").await.unwrap();
         store.put("f", "much longer");
-        assert_eq!(
-            fs.getattr(f.ino).await.unwrap().size,
-            5,
-            "cached within TTL"
-        );
+        assert_eq!(fs.getattr(f.ino).await.unwrap().size, 5, "cached within TTL");
         let fs0 = fs_with(Arc::clone(&store), "", Duration::ZERO);
         let f0 = fs0.lookup(ROOT_INO, "f").await.unwrap();
         store.delete("f");
@@ -644,11 +1068,8 @@ mod tests {
         let mut fs = fs_with(Arc::clone(&store), "", Duration::from_secs(60));
         fs.config.read_only = true;
         let f = fs.lookup(ROOT_INO, "f").await.unwrap();
-        assert_eq!(
-            fs.open(f.ino, libc::O_WRONLY).await.err().unwrap().errno(),
-            libc::EROFS
-        );
-        assert_eq!(fs.refuse_write("mkdir").errno(), libc::EROFS);
+        assert_eq!(fs.open(f.ino, libc::O_WRONLY).await.err().unwrap().errno(), libc::EROFS);
+        assert_eq!(fs.mkdir(ROOT_INO, "d", 0o755).await.err().unwrap().errno(), libc::EROFS);
     }
 
     #[test]
@@ -656,5 +1077,160 @@ mod tests {
         let fs = fs_with(Arc::new(FakeStore::new("b")), "", Duration::ZERO);
         let s = fs.statfs();
         assert!(s.blocks > 1 << 30 && s.bavail > 0 && s.files > 0);
+    }
+
+    /// Compares large buffers without printing them.
+    fn same(got: &[u8], want: &[u8]) {
+        let first = got.iter().zip(want).position(|(a, b)| a != b);
+        assert!(
+            got.len() == want.len() && first.is_none(),
+            "len {} vs {}, first difference at {first:?}",
+            got.len(),
+            want.len()
+        );
+    }
+
+    fn pattern(n: usize, seed: u8) -> Vec<u8> {
+        (0..n).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect()
+    }
+
+    async fn write_file(fs: &S3Fs<FakeStore>, name: &str, data: &[u8], chunk: usize) -> u64 {
+        let (attr, fh) = fs.create(ROOT_INO, name, 0o644, libc::O_WRONLY).await.unwrap();
+        for (i, c) in data.chunks(chunk).enumerate() {
+            fs.write(fh, (i * chunk) as u64, c).await.unwrap();
+        }
+        fs.flush(fh).await.unwrap();
+        fs.release(fh).await.unwrap();
+        attr.ino
+    }
+
+    #[tokio::test]
+    async fn streaming_write_uses_multipart_and_commits_exact_bytes() {
+        let store = Arc::new(FakeStore::new("b"));
+        let fs = fs_with(Arc::clone(&store), "", Duration::from_secs(60));
+        let data = pattern(23 << 20, 1);
+        write_file(&fs, "big", &data, 1 << 20).await;
+        same(&store.data("big").unwrap(), &data);
+        assert_eq!(store.parts_uploaded.load(Ordering::Relaxed), 5, "23 MiB in 5 MiB parts");
+        assert_eq!(store.pending_uploads(), 0);
+        write_file(&fs, "small", b"hello", 4096).await;
+        assert_eq!(store.data("small").unwrap(), &b"hello"[..]);
+    }
+
+    #[tokio::test]
+    async fn failed_upload_is_an_error_and_leaves_nothing() {
+        let store = Arc::new(FakeStore::new("b"));
+        let fs = fs_with(Arc::clone(&store), "", Duration::from_secs(60));
+        let (_, fh) = fs.create(ROOT_INO, "f", 0o644, libc::O_WRONLY).await.unwrap();
+        store.fail_puts.store(1000, Ordering::Relaxed);
+        let data = pattern(12 << 20, 2);
+        let mut failed = false;
+        for (i, c) in data.chunks(1 << 20).enumerate() {
+            failed |= fs.write(fh, (i << 20) as u64, c).await.is_err();
+        }
+        failed |= fs.flush(fh).await.is_err();
+        assert!(failed, "the failure must reach write or close");
+        assert_eq!(fs.flush(fh).await.unwrap_err().errno(), libc::EIO, "stays failed");
+        assert!(fs.release(fh).await.is_err());
+        store.fail_puts.store(0, Ordering::Relaxed);
+        assert!(store.data("f").is_none(), "no partial or empty object");
+        assert_eq!(store.pending_uploads(), 0, "multipart upload aborted");
+    }
+
+    #[tokio::test]
+    async fn random_writes_append_and_truncate_on_existing_objects() {
+        let store = Arc::new(FakeStore::new("b"));
+        let mut model = pattern(20 << 20, 3);
+        store.put("f", model.clone());
+        let fs = fs_with(Arc::clone(&store), "", Duration::from_secs(60));
+        let f = fs.lookup(ROOT_INO, "f").await.unwrap();
+        let fh = fs.open(f.ino, libc::O_RDWR).await.unwrap();
+        fs.write(fh, 7 << 20, b"middle").await.unwrap();
+        model[(7 << 20)..(7 << 20) + 6].copy_from_slice(b"middle");
+        let len = model.len() as u64;
+        fs.write(fh, len, b"appended").await.unwrap();
+        model.extend_from_slice(b"appended");
+        assert_eq!(fs.read(fh, (7 << 20) - 2, 10).await.unwrap().concat(), model[(7 << 20) - 2..(7 << 20) + 8]);
+        fs.flush(fh).await.unwrap();
+        same(&store.data("f").unwrap(), &model);
+        assert!(store.parts_copied.load(Ordering::Relaxed) >= 2, "unchanged parts copied server side");
+        assert!(fs.staging_used_bytes() == 0, "staging freed after commit");
+        fs.setattr(f.ino, Some(fh), SetAttr { size: Some(100), ..Default::default() }).await.unwrap();
+        fs.write(fh, 200, b"hole").await.unwrap();
+        model.truncate(100);
+        model.resize(200, 0);
+        model.extend_from_slice(b"hole");
+        fs.release(fh).await.unwrap();
+        same(&store.data("f").unwrap(), &model);
+        assert_eq!(fs.getattr(f.ino).await.unwrap().size, 204);
+    }
+
+    #[tokio::test]
+    async fn staging_budget_gives_enospc() {
+        let store = Arc::new(FakeStore::new("b"));
+        store.put("f", pattern(100, 0));
+        let mut fs = fs_with(Arc::clone(&store), "", Duration::from_secs(60));
+        fs.writes.staging = write::Staging::new(tempfile::tempdir().unwrap().keep(), 1000).unwrap();
+        let f = fs.lookup(ROOT_INO, "f").await.unwrap();
+        let fh = fs.open(f.ino, libc::O_RDWR).await.unwrap();
+        fs.write(fh, 0, &[1; 900]).await.unwrap();
+        assert_eq!(fs.write(fh, 2000, &[1; 200]).await.unwrap_err().errno(), libc::ENOSPC);
+        fs.release(fh).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn namespace_operations() {
+        let store = Arc::new(FakeStore::new("b"));
+        let fs = fs_with(Arc::clone(&store), "", Duration::from_secs(60));
+        let d = fs.mkdir(ROOT_INO, "d", 0o700).await.unwrap();
+        assert!(store.data("d/").is_some(), "marker object");
+        assert_eq!(fs.mkdir(ROOT_INO, "d", 0o755).await.unwrap_err().errno(), libc::EEXIST);
+        let (_, fh) = fs.create(d.ino, "f", 0o644, libc::O_WRONLY).await.unwrap();
+        assert_eq!(names(&fs, d.ino).await, ["f"], "uncommitted file is listed");
+        fs.write(fh, 0, b"x").await.unwrap();
+        fs.release(fh).await.unwrap();
+        assert_eq!(fs.rmdir(ROOT_INO, "d").await.unwrap_err().errno(), libc::ENOTEMPTY);
+        fs.rename(ROOT_INO, "d", ROOT_INO, "e", 0).await.unwrap();
+        assert_eq!(store.keys(), ["e/", "e/f"]);
+        assert_eq!(fs.getattr(d.ino).await.unwrap().perm, 0o700);
+        let e = fs.lookup(ROOT_INO, "e").await.unwrap();
+        write_file(&fs, "g", b"gg", 10).await;
+        fs.rename(ROOT_INO, "g", e.ino, "f", 0).await.unwrap();
+        assert_eq!(store.data("e/f").unwrap(), &b"gg"[..]);
+        assert!(store.data("g").is_none());
+        fs.unlink(e.ino, "f").await.unwrap();
+        fs.rmdir(ROOT_INO, "e").await.unwrap();
+        assert!(store.keys().is_empty());
+    }
+
+    #[tokio::test]
+    async fn attributes_and_symlinks_persist_in_metadata() {
+        let store = Arc::new(FakeStore::new("b"));
+        let fs = fs_with(Arc::clone(&store), "", Duration::from_secs(60));
+        let ino = write_file(&fs, "f", b"data", 10).await;
+        let t = SystemTime::UNIX_EPOCH + Duration::new(1_000_000, 5);
+        let changes = SetAttr { mode: Some(0o600), uid: Some(42), mtime: Some(t), ..Default::default() };
+        fs.setattr(ino, None, changes).await.unwrap();
+        fs.symlink(ROOT_INO, "l", "f").await.unwrap();
+        // A fresh mount sees the same attributes.
+        let fs2 = fs_with(Arc::clone(&store), "", Duration::from_secs(60));
+        let f = fs2.lookup(ROOT_INO, "f").await.unwrap();
+        assert_eq!((f.perm, f.uid, f.gid, f.mtime), (0o600, 42, 8, t));
+        let l = fs2.lookup(ROOT_INO, "l").await.unwrap();
+        assert_eq!(l.kind, Kind::Symlink);
+        assert_eq!(&fs2.readlink(l.ino).await.unwrap()[..], b"f");
+    }
+
+    #[tokio::test]
+    async fn large_copies_use_multipart_copy() {
+        let store = Arc::new(FakeStore::new("b"));
+        let data = pattern(12 << 20, 9);
+        store.put("a", data.clone());
+        let mut fs = fs_with(Arc::clone(&store), "", Duration::from_secs(60));
+        fs.copy_object_max = 5 << 20;
+        fs.lookup(ROOT_INO, "a").await.unwrap();
+        fs.rename(ROOT_INO, "a", ROOT_INO, "b", 0).await.unwrap();
+        same(&store.data("b").unwrap(), &data);
+        assert_eq!(store.parts_copied.load(Ordering::Relaxed), 3);
     }
 }

@@ -27,7 +27,7 @@ use crate::s3::{ObjectId, ObjectStore, S3Error};
 pub const BLOCK_SIZE: u64 = 1 << 20;
 /// Blocks per sequential GET. 8 MiB requests amortise per-request latency; smaller requests
 /// were slower against every server we tried, larger ones delay the first byte.
-pub const REQUEST_BLOCKS: u64 = 8;
+pub const REQUEST_BLOCKS: u64 = 4;
 /// First prefetch window once a sequential pattern is seen; doubles per sequential read.
 pub const INITIAL_WINDOW: u64 = 2 * BLOCK_SIZE;
 /// Largest prefetch window: enough requests in flight to keep a fast server busy.
@@ -65,23 +65,14 @@ pub struct Window {
 
 impl Window {
     pub fn new(max_window: u64) -> Self {
-        Window {
-            next_offset: 0,
-            window: 0,
-            max_window: max_window.clamp(BLOCK_SIZE, MAX_WINDOW),
-        }
+        Window { next_offset: 0, window: 0, max_window: max_window.clamp(BLOCK_SIZE, MAX_WINDOW) }
     }
 
     /// Records a read and returns how many bytes past its end to prefetch.
     pub fn on_read(&mut self, offset: u64, len: u64) -> u64 {
         let sequential = offset.abs_diff(self.next_offset) <= SEQUENTIAL_SLACK;
         if sequential {
-            self.window = if self.window == 0 {
-                INITIAL_WINDOW
-            } else {
-                self.window * 2
-            }
-            .min(self.max_window);
+            self.window = if self.window == 0 { INITIAL_WINDOW } else { self.window * 2 }.min(self.max_window);
             self.next_offset = self.next_offset.max(offset + len);
         } else {
             self.window = 0;
@@ -131,26 +122,13 @@ impl<S: ObjectStore> Fetcher<S> {
         // Resolve needed blocks from the cache first (memory, then disk).
         let mut have: Vec<Option<Bytes>> = Vec::with_capacity(needed.clone().count());
         for index in needed.clone() {
-            let key = BlockKey {
-                object: Arc::clone(object),
-                index,
-            };
-            let hit = self
-                .cache
-                .get(&key)
-                .await
-                .filter(|b| b.len() as u64 == block_len(index, size));
+            let key = BlockKey { object: Arc::clone(object), index };
+            let hit = self.cache.get(&key).await.filter(|b| b.len() as u64 == block_len(index, size));
             have.push(hit);
         }
         // Start GETs for what is missing, needed blocks first, then the prefetch window.
-        let missing: Vec<u64> = needed
-            .clone()
-            .zip(&have)
-            .filter(|(_, h)| h.is_none())
-            .map(|(i, _)| i)
-            .collect();
-        let mut waiters =
-            self.start_fetches(object, size, &missing, needed.end - needed.start, false);
+        let missing: Vec<u64> = needed.clone().zip(&have).filter(|(_, h)| h.is_none()).map(|(i, _)| i).collect();
+        let mut waiters = self.start_fetches(object, size, &missing, needed.end - needed.start, false);
         if prefetch > 0 {
             let ahead = blocks_for(range.end..range.end.saturating_add(prefetch), size);
             let ahead: Vec<u64> = ahead.filter(|i| *i >= needed.end).collect();
@@ -170,10 +148,7 @@ impl<S: ObjectStore> Fetcher<S> {
                     match result {
                         Ok(Some(r)) => r?,
                         _ => {
-                            return Err(S3Error::Body(
-                                object.key.clone(),
-                                "block fetch was abandoned".into(),
-                            ));
+                            return Err(S3Error::Body(object.key.clone(), "block fetch was abandoned".into()));
                         }
                     }
                 }
@@ -187,15 +162,9 @@ impl<S: ObjectStore> Fetcher<S> {
     }
 
     /// A waiter for one block, starting a fetch if nobody else is (rare: lost a race).
-    fn fetch_one(
-        self: &Arc<Self>,
-        object: &Arc<ObjectId>,
-        size: u64,
-        index: u64,
-    ) -> watch::Receiver<BlockResult> {
+    fn fetch_one(self: &Arc<Self>, object: &Arc<ObjectId>, size: u64, index: u64) -> watch::Receiver<BlockResult> {
         let mut w = self.start_fetches(object, size, &[index], 1, false);
-        w.remove(&index)
-            .expect("start_fetches returns a waiter for every requested block")
+        w.remove(&index).expect("start_fetches returns a waiter for every requested block")
     }
 
     /// Registers every block in `indexes` that is not in flight (and, with `skip_cached`, not
@@ -214,17 +183,12 @@ impl<S: ObjectStore> Fetcher<S> {
         {
             let mut inflight = self.inflight.lock().unwrap();
             for &index in indexes {
-                let key = BlockKey {
-                    object: Arc::clone(object),
-                    index,
-                };
+                let key = BlockKey { object: Arc::clone(object), index };
                 if let Some(rx) = inflight.get(&key) {
                     waiters.insert(index, rx.clone());
                     continue;
                 }
-                if skip_cached
-                    && (self.cache.contains_in_memory(&key) || self.cache.contains_on_disk(&key))
-                {
+                if skip_cached && (self.cache.contains_in_memory(&key) || self.cache.contains_on_disk(&key)) {
                     continue;
                 }
                 let (tx, rx) = watch::channel(None);
@@ -232,8 +196,7 @@ impl<S: ObjectStore> Fetcher<S> {
                 waiters.insert(index, rx);
                 match runs.last_mut() {
                     Some((first, senders))
-                        if *first + senders.len() as u64 == index
-                            && (senders.len() as u64) < max_blocks.max(1) =>
+                        if *first + senders.len() as u64 == index && (senders.len() as u64) < max_blocks.max(1) =>
                     {
                         senders.push(tx)
                     }
@@ -250,27 +213,14 @@ impl<S: ObjectStore> Fetcher<S> {
     }
 
     /// One GET for blocks `first..first + senders.len()`, publishing each block as it completes.
-    async fn fetch_run(
-        &self,
-        object: Arc<ObjectId>,
-        size: u64,
-        first: u64,
-        senders: Vec<watch::Sender<BlockResult>>,
-    ) {
-        let _permit = self
-            .gets
-            .acquire()
-            .await
-            .expect("semaphore is never closed");
+    async fn fetch_run(&self, object: Arc<ObjectId>, size: u64, first: u64, senders: Vec<watch::Sender<BlockResult>>) {
+        let _permit = self.gets.acquire().await.expect("semaphore is never closed");
         let end_block = first + senders.len() as u64;
         let mut next = first; // first block not yet published
         let mut attempt = 0;
         let outcome = loop {
             let range = next * BLOCK_SIZE..(end_block * BLOCK_SIZE).min(size);
-            match self
-                .stream_blocks(&object, size, range, &mut next, first, &senders)
-                .await
-            {
+            match self.stream_blocks(&object, size, range, &mut next, first, &senders).await {
                 Ok(()) => break Ok(()),
                 Err(e) if e.is_transient() && attempt < BODY_RETRIES => {
                     attempt += 1;
@@ -287,10 +237,7 @@ impl<S: ObjectStore> Fetcher<S> {
         }
         let mut inflight = self.inflight.lock().unwrap();
         for index in first..end_block {
-            inflight.remove(&BlockKey {
-                object: Arc::clone(&object),
-                index,
-            });
+            inflight.remove(&BlockKey { object: Arc::clone(&object), index });
         }
     }
 
@@ -310,13 +257,7 @@ impl<S: ObjectStore> Fetcher<S> {
             let want = block_len(*next, size) as usize;
             while buf.len() >= want {
                 let block = buf.split_to(want).freeze();
-                self.cache.insert(
-                    BlockKey {
-                        object: Arc::clone(object),
-                        index: *next,
-                    },
-                    block.clone(),
-                );
+                self.cache.insert(BlockKey { object: Arc::clone(object), index: *next }, block.clone());
                 senders[(*next - first) as usize].send_replace(Some(Ok(block)));
                 *next += 1;
                 if *next == end_block {
@@ -348,10 +289,7 @@ mod tests {
     fn block_math() {
         assert_eq!(blocks_for(0..1, 10), 0..1);
         assert_eq!(blocks_for(0..BLOCK_SIZE, 10 * BLOCK_SIZE), 0..1);
-        assert_eq!(
-            blocks_for(BLOCK_SIZE - 1..BLOCK_SIZE + 1, 10 * BLOCK_SIZE),
-            0..2
-        );
+        assert_eq!(blocks_for(BLOCK_SIZE - 1..BLOCK_SIZE + 1, 10 * BLOCK_SIZE), 0..2);
         assert_eq!(blocks_for(5..100, 5), 0..0);
         assert_eq!(blocks_for(0..100, 0), 0..0);
         assert_eq!(block_len(2, 2 * BLOCK_SIZE + 7), 7);
@@ -385,17 +323,9 @@ mod tests {
             last = w.on_read(i * 131072, 131072);
         }
         assert_eq!(last, MAX_WINDOW, "window stops at its cap");
-        assert_eq!(
-            w.on_read(900 * BLOCK_SIZE, 4096),
-            0,
-            "a far jump is random: no prefetch"
-        );
+        assert_eq!(w.on_read(900 * BLOCK_SIZE, 4096), 0, "a far jump is random: no prefetch");
         assert_eq!(w.on_read(10, 4096), 0);
-        assert_eq!(
-            w.on_read(10 + 4096, 4096),
-            INITIAL_WINDOW,
-            "sequential again from the new spot"
-        );
+        assert_eq!(w.on_read(10 + 4096, 4096), INITIAL_WINDOW, "sequential again from the new spot");
     }
 
     #[test]
@@ -420,35 +350,16 @@ mod tests {
         let store = Arc::new(FakeStore::new("b"));
         let bytes = data(3 * BLOCK_SIZE as usize + 123);
         store.put("k", bytes.clone());
-        let f = Fetcher::new(
-            Arc::clone(&store),
-            Arc::new(BlockCache::new(64 << 20, None)),
-        );
+        let f = Fetcher::new(Arc::clone(&store), Arc::new(BlockCache::new(64 << 20, None)));
         let obj = object(&store, "k");
         let size = bytes.len() as u64;
-        let got: Vec<u8> = f
-            .read(&obj, size, 1000..BLOCK_SIZE * 2 + 5, 0)
-            .await
-            .unwrap()
-            .concat();
+        let got: Vec<u8> = f.read(&obj, size, 1000..BLOCK_SIZE * 2 + 5, 0).await.unwrap().concat();
         assert_eq!(got, bytes[1000..(BLOCK_SIZE * 2 + 5) as usize]);
         let gets = store.gets.load(Ordering::Relaxed);
-        let again: Vec<u8> = f
-            .read(&obj, size, 1000..BLOCK_SIZE * 2 + 5, 0)
-            .await
-            .unwrap()
-            .concat();
+        let again: Vec<u8> = f.read(&obj, size, 1000..BLOCK_SIZE * 2 + 5, 0).await.unwrap().concat();
         assert_eq!(again, got);
-        assert_eq!(
-            store.gets.load(Ordering::Relaxed),
-            gets,
-            "served from cache"
-        );
-        let tail: Vec<u8> = f
-            .read(&obj, size, size - 10..size + 100, 0)
-            .await
-            .unwrap()
-            .concat();
+        assert_eq!(store.gets.load(Ordering::Relaxed), gets, "served from cache");
+        let tail: Vec<u8> = f.read(&obj, size, size - 10..size + 100, 0).await.unwrap().concat();
         assert_eq!(tail, bytes[bytes.len() - 10..]);
     }
 
@@ -457,14 +368,9 @@ mod tests {
         let store = Arc::new(FakeStore::new("b"));
         let bytes = data(32 * BLOCK_SIZE as usize);
         store.put("k", bytes.clone());
-        let f = Fetcher::new(
-            Arc::clone(&store),
-            Arc::new(BlockCache::new(256 << 20, None)),
-        );
+        let f = Fetcher::new(Arc::clone(&store), Arc::new(BlockCache::new(256 << 20, None)));
         let obj = object(&store, "k");
-        f.read(&obj, bytes.len() as u64, 0..4096, 16 * BLOCK_SIZE)
-            .await
-            .unwrap();
+        f.read(&obj, bytes.len() as u64, 0..4096, 16 * BLOCK_SIZE).await.unwrap();
         // Wait for the prefetch to land.
         for _ in 0..100 {
             if f.inflight.lock().unwrap().is_empty() {
@@ -474,11 +380,7 @@ mod tests {
         }
         let gets = store.gets.load(Ordering::Relaxed);
         assert!(gets <= 1 + 16 / REQUEST_BLOCKS as usize + 1, "{gets} GETs");
-        let got: Vec<u8> = f
-            .read(&obj, bytes.len() as u64, 0..16 * BLOCK_SIZE, 0)
-            .await
-            .unwrap()
-            .concat();
+        let got: Vec<u8> = f.read(&obj, bytes.len() as u64, 0..16 * BLOCK_SIZE, 0).await.unwrap().concat();
         assert_eq!(got, bytes[..16 * BLOCK_SIZE as usize]);
         assert_eq!(store.gets.load(Ordering::Relaxed), gets, "all prefetched");
     }
@@ -487,19 +389,9 @@ mod tests {
     async fn random_reads_fetch_only_what_they_need() {
         let store = Arc::new(FakeStore::new("b"));
         store.put("k", data(64 * BLOCK_SIZE as usize));
-        let f = Fetcher::new(
-            Arc::clone(&store),
-            Arc::new(BlockCache::new(256 << 20, None)),
-        );
+        let f = Fetcher::new(Arc::clone(&store), Arc::new(BlockCache::new(256 << 20, None)));
         let obj = object(&store, "k");
-        f.read(
-            &obj,
-            64 * BLOCK_SIZE,
-            40 * BLOCK_SIZE + 7..40 * BLOCK_SIZE + 4000,
-            0,
-        )
-        .await
-        .unwrap();
+        f.read(&obj, 64 * BLOCK_SIZE, 40 * BLOCK_SIZE + 7..40 * BLOCK_SIZE + 4000, 0).await.unwrap();
         assert_eq!(store.bytes_served.load(Ordering::Relaxed), BLOCK_SIZE);
     }
 
@@ -507,17 +399,11 @@ mod tests {
     async fn changed_object_fails_instead_of_mixing() {
         let store = Arc::new(FakeStore::new("b"));
         store.put("k", data(2 * BLOCK_SIZE as usize));
-        let f = Fetcher::new(
-            Arc::clone(&store),
-            Arc::new(BlockCache::new(256 << 20, None)),
-        );
+        let f = Fetcher::new(Arc::clone(&store), Arc::new(BlockCache::new(256 << 20, None)));
         let obj = object(&store, "k");
         f.read(&obj, 2 * BLOCK_SIZE, 0..10, 0).await.unwrap();
         store.put("k", vec![0u8; 2 * BLOCK_SIZE as usize]);
-        let err = f
-            .read(&obj, 2 * BLOCK_SIZE, BLOCK_SIZE..BLOCK_SIZE + 10, 0)
-            .await
-            .unwrap_err();
+        let err = f.read(&obj, 2 * BLOCK_SIZE, BLOCK_SIZE..BLOCK_SIZE + 10, 0).await.unwrap_err();
         assert!(matches!(err, S3Error::PreconditionFailed(_)));
     }
 
@@ -527,16 +413,9 @@ mod tests {
         let bytes = data(BLOCK_SIZE as usize);
         store.put("k", bytes.clone());
         store.fail_gets.store(2, Ordering::Relaxed);
-        let f = Fetcher::new(
-            Arc::clone(&store),
-            Arc::new(BlockCache::new(256 << 20, None)),
-        );
+        let f = Fetcher::new(Arc::clone(&store), Arc::new(BlockCache::new(256 << 20, None)));
         let obj = object(&store, "k");
-        let got: Vec<u8> = f
-            .read(&obj, BLOCK_SIZE, 0..BLOCK_SIZE, 0)
-            .await
-            .unwrap()
-            .concat();
+        let got: Vec<u8> = f.read(&obj, BLOCK_SIZE, 0..BLOCK_SIZE, 0).await.unwrap().concat();
         assert_eq!(got, bytes);
     }
 
@@ -545,10 +424,7 @@ mod tests {
         let store = Arc::new(FakeStore::new("b"));
         store.put("k", data(BLOCK_SIZE as usize));
         store.fail_gets.store(100, Ordering::Relaxed);
-        let f = Fetcher::new(
-            Arc::clone(&store),
-            Arc::new(BlockCache::new(256 << 20, None)),
-        );
+        let f = Fetcher::new(Arc::clone(&store), Arc::new(BlockCache::new(256 << 20, None)));
         let obj = object(&store, "k");
         assert!(f.read(&obj, BLOCK_SIZE, 0..10, 0).await.is_err());
     }

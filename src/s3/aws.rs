@@ -18,11 +18,14 @@ use aws_config::{BehaviorVersion, Region};
 use aws_sdk_s3::Client;
 use aws_sdk_s3::config::{RequestChecksumCalculation, ResponseChecksumValidation};
 use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::primitives::ByteStream;
+use aws_sdk_s3::types::{CompletedMultipartUpload, MetadataDirective};
 use aws_smithy_http_client::tls::{self, TlsContext, TrustStore};
 use aws_smithy_runtime_api::client::orchestrator::HttpResponse;
+use bytes::Bytes;
 use futures::StreamExt;
 
-use super::{GetObject, ListPage, ObjectId, ObjectMeta, ObjectStore, S3Error};
+use super::{CompletedPart, GetObject, ListPage, ObjectId, ObjectMeta, ObjectStore, S3Error, UserMetadata};
 use crate::config::S3Config;
 
 /// Attempts per request, including the first. With the SDK's exponential backoff this rides
@@ -51,9 +54,7 @@ pub async fn build_client(cfg: &S3Config) -> Result<Client, S3ClientError> {
         .build()
         .map_err(|e| S3ClientError(format!("cannot build TLS settings: {e}")))?;
     let http_client = aws_smithy_http_client::Builder::new()
-        .tls_provider(tls::Provider::Rustls(
-            tls::rustls_provider::CryptoMode::Ring,
-        ))
+        .tls_provider(tls::Provider::Rustls(tls::rustls_provider::CryptoMode::Ring))
         .tls_context(tls_ctx)
         .build_https();
 
@@ -63,17 +64,8 @@ pub async fn build_client(cfg: &S3Config) -> Result<Client, S3ClientError> {
     let mut loader = aws_config::defaults(BehaviorVersion::latest())
         .http_client(http_client)
         .region(region)
-        .retry_config(
-            RetryConfig::standard()
-                .with_max_attempts(MAX_ATTEMPTS)
-                .with_initial_backoff(INITIAL_BACKOFF),
-        )
-        .timeout_config(
-            TimeoutConfig::builder()
-                .connect_timeout(CONNECT_TIMEOUT)
-                .read_timeout(READ_TIMEOUT)
-                .build(),
-        );
+        .retry_config(RetryConfig::standard().with_max_attempts(MAX_ATTEMPTS).with_initial_backoff(INITIAL_BACKOFF))
+        .timeout_config(TimeoutConfig::builder().connect_timeout(CONNECT_TIMEOUT).read_timeout(READ_TIMEOUT).build());
     if let Some(url) = &cfg.endpoint_url {
         loader = loader.endpoint_url(url);
     }
@@ -87,13 +79,10 @@ pub async fn build_client(cfg: &S3Config) -> Result<Client, S3ClientError> {
 }
 
 fn read_ca_bundle(path: &Path) -> Result<Vec<u8>, S3ClientError> {
-    let pem = std::fs::read(path)
-        .map_err(|e| S3ClientError(format!("cannot read --ca-bundle {}: {e}", path.display())))?;
+    let pem =
+        std::fs::read(path).map_err(|e| S3ClientError(format!("cannot read --ca-bundle {}: {e}", path.display())))?;
     if !pem.windows(27).any(|w| w == b"-----BEGIN CERTIFICATE-----") {
-        return Err(S3ClientError(format!(
-            "--ca-bundle {} holds no PEM certificate",
-            path.display()
-        )));
+        return Err(S3ClientError(format!("--ca-bundle {} holds no PEM certificate", path.display())));
     }
     Ok(pem)
 }
@@ -112,10 +101,7 @@ pub struct AwsStore {
 
 impl AwsStore {
     pub fn new(client: Client, bucket: impl Into<String>) -> Self {
-        AwsStore {
-            client,
-            bucket: bucket.into(),
-        }
+        AwsStore { client, bucket: bucket.into() }
     }
 
     pub fn client(&self) -> &Client {
@@ -124,32 +110,22 @@ impl AwsStore {
 }
 
 /// Converts an SDK error into our error, once, naming the operation, bucket and key.
-pub(crate) fn map_sdk_error<E>(
-    op: &'static str,
-    bucket: &str,
-    key: &str,
-    err: SdkError<E, HttpResponse>,
-) -> S3Error
+pub(crate) fn map_sdk_error<E>(op: &'static str, bucket: &str, key: &str, err: SdkError<E, HttpResponse>) -> S3Error
 where
     E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
 {
     let (status, code, message) = match &err {
         SdkError::DispatchFailure(_) | SdkError::TimeoutError(_) => {
-            return S3Error::Unreachable(format!(
-                "{op} s3://{bucket}/{key}: {}",
-                error_chain(&err)
-            ));
+            return S3Error::Unreachable(format!("{op} s3://{bucket}/{key}: {}", error_chain(&err)));
         }
         SdkError::ServiceError(se) => (
             se.raw().status().as_u16(),
             se.err().code().unwrap_or_default().to_owned(),
             se.err().message().unwrap_or_default().to_owned(),
         ),
-        SdkError::ResponseError(re) => (
-            re.raw().status().as_u16(),
-            String::new(),
-            DisplayErrorContext(&err).to_string(),
-        ),
+        SdkError::ResponseError(re) => {
+            (re.raw().status().as_u16(), String::new(), DisplayErrorContext(&err).to_string())
+        }
         _ => (0, String::new(), DisplayErrorContext(&err).to_string()),
     };
     match (status, code.as_str()) {
@@ -157,11 +133,7 @@ where
         (404, _) if key.is_empty() => S3Error::NoSuchBucket(bucket.to_owned()),
         (404, _) | (_, "NoSuchKey") => S3Error::NotFound(key.to_owned()),
         (403, _) | (_, "AccessDenied" | "InvalidAccessKeyId" | "SignatureDoesNotMatch") => {
-            let what = if code.is_empty() {
-                "HTTP 403".to_owned()
-            } else {
-                code.clone()
-            };
+            let what = if code.is_empty() { "HTTP 403".to_owned() } else { code.clone() };
             S3Error::AccessDenied(format!("{op} on s3://{bucket}/{key}: {what}"))
         }
         (412, _) | (_, "PreconditionFailed") => S3Error::PreconditionFailed(key.to_owned()),
@@ -172,12 +144,7 @@ where
             code,
             message: format!("bucket {bucket} is in another region; pass --region {message}"),
         },
-        _ => S3Error::Service {
-            operation: op,
-            status,
-            code,
-            message,
-        },
+        _ => S3Error::Service { operation: op, status, code, message },
     }
 }
 
@@ -195,9 +162,20 @@ fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
     parts.join(": ")
 }
 
+/// Characters escaped in `x-amz-copy-source`: everything but unreserved characters and `/`.
+const COPY_SOURCE_ESCAPES: &percent_encoding::AsciiSet =
+    &percent_encoding::NON_ALPHANUMERIC.remove(b'-').remove(b'_').remove(b'.').remove(b'~').remove(b'/');
+
+fn copy_source(bucket: &str, key: &str) -> String {
+    format!("{bucket}/{}", percent_encoding::utf8_percent_encode(key, COPY_SOURCE_ESCAPES))
+}
+
+fn metadata_map(m: &UserMetadata) -> Option<std::collections::HashMap<String, String>> {
+    (!m.is_empty()).then(|| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+}
+
 fn to_system_time(dt: Option<&aws_sdk_s3::primitives::DateTime>) -> SystemTime {
-    dt.and_then(|d| SystemTime::try_from(*d).ok())
-        .unwrap_or(SystemTime::UNIX_EPOCH)
+    dt.and_then(|d| SystemTime::try_from(*d).ok()).unwrap_or(SystemTime::UNIX_EPOCH)
 }
 
 fn non_negative(n: Option<i64>) -> u64 {
@@ -236,6 +214,11 @@ impl ObjectStore for AwsStore {
             size: non_negative(out.content_length()),
             etag: out.e_tag().map(str::to_owned),
             last_modified: to_system_time(out.last_modified()),
+            user_metadata: Some(
+                out.metadata()
+                    .map(|m| m.iter().map(|(k, v)| (k.to_lowercase(), v.clone())).collect())
+                    .unwrap_or_default(),
+            ),
         })
     }
 
@@ -266,24 +249,14 @@ impl ObjectStore for AwsStore {
                     size: non_negative(o.size()),
                     etag: o.e_tag().map(str::to_owned),
                     last_modified: to_system_time(o.last_modified()),
+                    user_metadata: None,
                 })
             })
             .collect();
-        let common_prefixes = out
-            .common_prefixes()
-            .iter()
-            .filter_map(|p| p.prefix().map(str::to_owned))
-            .collect();
-        let next_token = if out.is_truncated().unwrap_or(false) {
-            out.next_continuation_token().map(str::to_owned)
-        } else {
-            None
-        };
-        Ok(ListPage {
-            objects,
-            common_prefixes,
-            next_token,
-        })
+        let common_prefixes = out.common_prefixes().iter().filter_map(|p| p.prefix().map(str::to_owned)).collect();
+        let next_token =
+            if out.is_truncated().unwrap_or(false) { out.next_continuation_token().map(str::to_owned) } else { None };
+        Ok(ListPage { objects, common_prefixes, next_token })
     }
 
     async fn get_range(&self, object: &ObjectId, range: Range<u64>) -> Result<GetObject, S3Error> {
@@ -316,5 +289,139 @@ impl ObjectStore for AwsStore {
         })
         .boxed();
         Ok(GetObject { etag, body })
+    }
+
+    async fn put_object(&self, key: &str, body: Bytes, metadata: &UserMetadata) -> Result<String, S3Error> {
+        let out = self
+            .client
+            .put_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .set_metadata(metadata_map(metadata))
+            .body(ByteStream::from(body))
+            .send()
+            .await
+            .map_err(|e| map_sdk_error("PutObject", &self.bucket, key, e))?;
+        Ok(out.e_tag().unwrap_or_default().to_owned())
+    }
+
+    async fn create_multipart_upload(&self, key: &str, metadata: &UserMetadata) -> Result<String, S3Error> {
+        let out = self
+            .client
+            .create_multipart_upload()
+            .bucket(&self.bucket)
+            .key(key)
+            .set_metadata(metadata_map(metadata))
+            .send()
+            .await
+            .map_err(|e| map_sdk_error("CreateMultipartUpload", &self.bucket, key, e))?;
+        out.upload_id().map(str::to_owned).ok_or_else(|| S3Error::Service {
+            operation: "CreateMultipartUpload",
+            status: 200,
+            code: String::new(),
+            message: format!("no upload id returned for {key:?}"),
+        })
+    }
+
+    async fn upload_part(&self, key: &str, upload_id: &str, number: i32, body: Bytes) -> Result<String, S3Error> {
+        let out = self
+            .client
+            .upload_part()
+            .bucket(&self.bucket)
+            .key(key)
+            .upload_id(upload_id)
+            .part_number(number)
+            .body(ByteStream::from(body))
+            .send()
+            .await
+            .map_err(|e| map_sdk_error("UploadPart", &self.bucket, key, e))?;
+        Ok(out.e_tag().unwrap_or_default().to_owned())
+    }
+
+    async fn upload_part_copy(
+        &self,
+        key: &str,
+        upload_id: &str,
+        number: i32,
+        source: &ObjectId,
+        range: Range<u64>,
+    ) -> Result<String, S3Error> {
+        let out = self
+            .client
+            .upload_part_copy()
+            .bucket(&self.bucket)
+            .key(key)
+            .upload_id(upload_id)
+            .part_number(number)
+            .copy_source(copy_source(&self.bucket, &source.key))
+            .copy_source_range(format!("bytes={}-{}", range.start, range.end - 1))
+            .set_copy_source_if_match(source.if_match().map(str::to_owned))
+            .send()
+            .await
+            .map_err(|e| map_sdk_error("UploadPartCopy", &self.bucket, key, e))?;
+        Ok(out.copy_part_result().and_then(|r| r.e_tag()).unwrap_or_default().to_owned())
+    }
+
+    async fn complete_multipart_upload(
+        &self,
+        key: &str,
+        upload_id: &str,
+        parts: Vec<CompletedPart>,
+    ) -> Result<String, S3Error> {
+        let parts = parts
+            .into_iter()
+            .map(|p| aws_sdk_s3::types::CompletedPart::builder().part_number(p.number).e_tag(p.etag).build())
+            .collect();
+        let out = self
+            .client
+            .complete_multipart_upload()
+            .bucket(&self.bucket)
+            .key(key)
+            .upload_id(upload_id)
+            .multipart_upload(CompletedMultipartUpload::builder().set_parts(Some(parts)).build())
+            .send()
+            .await
+            .map_err(|e| map_sdk_error("CompleteMultipartUpload", &self.bucket, key, e))?;
+        Ok(out.e_tag().unwrap_or_default().to_owned())
+    }
+
+    async fn abort_multipart_upload(&self, key: &str, upload_id: &str) -> Result<(), S3Error> {
+        match self.client.abort_multipart_upload().bucket(&self.bucket).key(key).upload_id(upload_id).send().await {
+            Ok(_) => Ok(()),
+            Err(e) => match map_sdk_error("AbortMultipartUpload", &self.bucket, key, e) {
+                S3Error::NotFound(_) => Ok(()),
+                other => Err(other),
+            },
+        }
+    }
+
+    async fn copy_object(
+        &self,
+        source: &ObjectId,
+        dest_key: &str,
+        metadata: Option<&UserMetadata>,
+    ) -> Result<String, S3Error> {
+        let mut req = self
+            .client
+            .copy_object()
+            .bucket(&self.bucket)
+            .key(dest_key)
+            .copy_source(copy_source(&self.bucket, &source.key))
+            .set_copy_source_if_match(source.if_match().map(str::to_owned));
+        if let Some(m) = metadata {
+            req = req.metadata_directive(MetadataDirective::Replace).set_metadata(metadata_map(m));
+        }
+        let out = req.send().await.map_err(|e| map_sdk_error("CopyObject", &self.bucket, &source.key, e))?;
+        Ok(out.copy_object_result().and_then(|r| r.e_tag()).unwrap_or_default().to_owned())
+    }
+
+    async fn delete_object(&self, key: &str) -> Result<(), S3Error> {
+        match self.client.delete_object().bucket(&self.bucket).key(key).send().await {
+            Ok(_) => Ok(()),
+            Err(e) => match map_sdk_error("DeleteObject", &self.bucket, key, e) {
+                S3Error::NotFound(_) => Ok(()),
+                other => Err(other),
+            },
+        }
     }
 }

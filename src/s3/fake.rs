@@ -4,7 +4,7 @@
 //! `If-Match`, counts requests, and can be told to fail calls, so logic can be tested without a
 //! server. Integration tests never use it: they run against a real S3 server.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::ops::Range;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -14,7 +14,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use futures::StreamExt;
 
-use super::{GetObject, ListPage, ObjectId, ObjectMeta, ObjectStore, S3Error};
+use super::{CompletedPart, GetObject, ListPage, ObjectId, ObjectMeta, ObjectStore, S3Error, UserMetadata};
 
 const DEFAULT_MAX_KEYS: usize = 1000;
 /// GET bodies are cut into chunks of this size, like a network stream.
@@ -25,6 +25,14 @@ struct FakeObject {
     data: Bytes,
     etag: String,
     last_modified: SystemTime,
+    metadata: UserMetadata,
+}
+
+#[derive(Debug, Default)]
+struct FakeUpload {
+    key: String,
+    metadata: UserMetadata,
+    parts: BTreeMap<i32, Bytes>,
 }
 
 /// In-memory bucket.
@@ -32,6 +40,7 @@ struct FakeObject {
 pub struct FakeStore {
     bucket: String,
     objects: Mutex<BTreeMap<String, FakeObject>>,
+    uploads: Mutex<HashMap<String, FakeUpload>>,
     next_etag: AtomicU64,
     /// Number of GET requests served.
     pub gets: AtomicUsize,
@@ -43,34 +52,77 @@ pub struct FakeStore {
     pub lists: AtomicUsize,
     /// The next this-many GETs fail with a 503.
     pub fail_gets: AtomicUsize,
+    /// The next this-many uploads (PUT, part, complete) fail with a 503.
+    pub fail_puts: AtomicUsize,
+    /// Parts uploaded (by data or by copy).
+    pub parts_uploaded: AtomicUsize,
+    /// Parts copied server-side.
+    pub parts_copied: AtomicUsize,
     omit_list_etags: bool,
 }
 
 impl FakeStore {
     pub fn new(bucket: &str) -> Self {
-        FakeStore {
-            bucket: bucket.to_owned(),
-            ..Default::default()
-        }
+        FakeStore { bucket: bucket.to_owned(), ..Default::default() }
     }
 
     /// A store whose listings carry no ETags, like some S3-compatible servers.
     pub fn without_list_etags(bucket: &str) -> Self {
-        FakeStore {
-            bucket: bucket.to_owned(),
-            omit_list_etags: true,
-            ..Default::default()
-        }
+        FakeStore { bucket: bucket.to_owned(), omit_list_etags: true, ..Default::default() }
     }
 
     pub fn put(&self, key: &str, data: impl Into<Bytes>) {
+        self.store(key, data.into(), UserMetadata::new());
+    }
+
+    fn store(&self, key: &str, data: Bytes, metadata: UserMetadata) -> String {
         let n = self.next_etag.fetch_add(1, Ordering::Relaxed);
-        let obj = FakeObject {
-            data: data.into(),
-            etag: format!("\"etag-{n}\""),
-            last_modified: SystemTime::now(),
-        };
+        let etag = format!("\"etag-{n}\"");
+        let obj = FakeObject { data, etag: etag.clone(), last_modified: SystemTime::now(), metadata };
         self.objects.lock().unwrap().insert(key.to_owned(), obj);
+        etag
+    }
+
+    /// The current bytes of an object, if any.
+    pub fn data(&self, key: &str) -> Option<Bytes> {
+        self.objects.lock().unwrap().get(key).map(|o| o.data.clone())
+    }
+
+    /// User metadata of an object, if any.
+    pub fn metadata(&self, key: &str) -> Option<UserMetadata> {
+        self.objects.lock().unwrap().get(key).map(|o| o.metadata.clone())
+    }
+
+    /// All keys, in order.
+    pub fn keys(&self) -> Vec<String> {
+        self.objects.lock().unwrap().keys().cloned().collect()
+    }
+
+    /// Multipart uploads started and neither completed nor aborted.
+    pub fn pending_uploads(&self) -> usize {
+        self.uploads.lock().unwrap().len()
+    }
+
+    fn injected_put_failure(&self, operation: &'static str) -> Result<(), S3Error> {
+        if self.fail_puts.load(Ordering::Relaxed) > 0 {
+            self.fail_puts.fetch_sub(1, Ordering::Relaxed);
+            return Err(S3Error::Service {
+                operation,
+                status: 503,
+                code: "SlowDown".into(),
+                message: "injected failure".into(),
+            });
+        }
+        Ok(())
+    }
+
+    fn current(&self, source: &ObjectId) -> Result<FakeObject, S3Error> {
+        let objects = self.objects.lock().unwrap();
+        let obj = objects.get(&source.key).cloned().ok_or_else(|| S3Error::NotFound(source.key.clone()))?;
+        if source.has_etag && source.version != obj.etag {
+            return Err(S3Error::PreconditionFailed(source.key.clone()));
+        }
+        Ok(obj)
     }
 
     pub fn delete(&self, key: &str) {
@@ -84,6 +136,7 @@ fn meta(key: &str, o: &FakeObject) -> ObjectMeta {
         size: o.data.len() as u64,
         etag: Some(o.etag.clone()),
         last_modified: o.last_modified,
+        user_metadata: Some(o.metadata.clone()),
     }
 }
 
@@ -100,10 +153,7 @@ impl ObjectStore for FakeStore {
     async fn head_object(&self, key: &str) -> Result<ObjectMeta, S3Error> {
         self.heads.fetch_add(1, Ordering::Relaxed);
         let objects = self.objects.lock().unwrap();
-        objects
-            .get(key)
-            .map(|o| meta(key, o))
-            .ok_or_else(|| S3Error::NotFound(key.to_owned()))
+        objects.get(key).map(|o| meta(key, o)).ok_or_else(|| S3Error::NotFound(key.to_owned()))
     }
 
     async fn list_page(
@@ -114,9 +164,7 @@ impl ObjectStore for FakeStore {
         max_keys: Option<i32>,
     ) -> Result<ListPage, S3Error> {
         self.lists.fetch_add(1, Ordering::Relaxed);
-        let max = max_keys
-            .map(|m| m.max(0) as usize)
-            .unwrap_or(DEFAULT_MAX_KEYS);
+        let max = max_keys.map(|m| m.max(0) as usize).unwrap_or(DEFAULT_MAX_KEYS);
         let objects = self.objects.lock().unwrap();
         // Entries in key order: objects and (deduplicated) common prefixes.
         let mut entries: BTreeMap<String, Option<ObjectMeta>> = BTreeMap::new();
@@ -134,6 +182,7 @@ impl ObjectStore for FakeStore {
                     if self.omit_list_etags {
                         m.etag = None;
                     }
+                    m.user_metadata = None;
                     entries.insert(key.clone(), Some(m));
                 }
             }
@@ -141,10 +190,7 @@ impl ObjectStore for FakeStore {
         let mut page = ListPage::default();
         let after = token.unwrap_or_default();
         let mut taken = 0;
-        let mut iter = entries
-            .into_iter()
-            .filter(|(k, _)| after.is_empty() || k.as_str() > after.as_str())
-            .peekable();
+        let mut iter = entries.into_iter().filter(|(k, _)| after.is_empty() || k.as_str() > after.as_str()).peekable();
         while taken < max {
             let Some((k, m)) = iter.next() else { break };
             taken += 1;
@@ -172,10 +218,7 @@ impl ObjectStore for FakeStore {
         }
         let obj = {
             let objects = self.objects.lock().unwrap();
-            objects
-                .get(&object.key)
-                .cloned()
-                .ok_or_else(|| S3Error::NotFound(object.key.clone()))?
+            objects.get(&object.key).cloned().ok_or_else(|| S3Error::NotFound(object.key.clone()))?
         };
         if object.has_etag && object.version != obj.etag {
             return Err(S3Error::PreconditionFailed(object.key.clone()));
@@ -186,16 +229,113 @@ impl ObjectStore for FakeStore {
         }
         let end = range.end.min(len);
         let data = obj.data.slice(range.start as usize..end as usize);
-        self.bytes_served
-            .fetch_add(data.len() as u64, Ordering::Relaxed);
-        let chunks: Vec<Result<Bytes, S3Error>> = (0..data.len())
-            .step_by(CHUNK)
-            .map(|i| Ok(data.slice(i..(i + CHUNK).min(data.len()))))
-            .collect();
-        Ok(GetObject {
-            etag: Some(obj.etag),
-            body: futures::stream::iter(chunks).boxed(),
-        })
+        self.bytes_served.fetch_add(data.len() as u64, Ordering::Relaxed);
+        let chunks: Vec<Result<Bytes, S3Error>> =
+            (0..data.len()).step_by(CHUNK).map(|i| Ok(data.slice(i..(i + CHUNK).min(data.len())))).collect();
+        Ok(GetObject { etag: Some(obj.etag), body: futures::stream::iter(chunks).boxed() })
+    }
+
+    async fn put_object(&self, key: &str, body: Bytes, metadata: &UserMetadata) -> Result<String, S3Error> {
+        self.injected_put_failure("PutObject")?;
+        Ok(self.store(key, body, metadata.clone()))
+    }
+
+    async fn create_multipart_upload(&self, key: &str, metadata: &UserMetadata) -> Result<String, S3Error> {
+        let id = format!("upload-{}", self.next_etag.fetch_add(1, Ordering::Relaxed));
+        let upload = FakeUpload { key: key.to_owned(), metadata: metadata.clone(), parts: BTreeMap::new() };
+        self.uploads.lock().unwrap().insert(id.clone(), upload);
+        Ok(id)
+    }
+
+    async fn upload_part(&self, key: &str, upload_id: &str, number: i32, body: Bytes) -> Result<String, S3Error> {
+        self.injected_put_failure("UploadPart")?;
+        let mut uploads = self.uploads.lock().unwrap();
+        let upload = uploads.get_mut(upload_id).ok_or_else(|| S3Error::NotFound(key.to_owned()))?;
+        upload.parts.insert(number, body);
+        self.parts_uploaded.fetch_add(1, Ordering::Relaxed);
+        Ok(format!("\"part-{number}\""))
+    }
+
+    async fn upload_part_copy(
+        &self,
+        key: &str,
+        upload_id: &str,
+        number: i32,
+        source: &ObjectId,
+        range: Range<u64>,
+    ) -> Result<String, S3Error> {
+        self.injected_put_failure("UploadPartCopy")?;
+        let src = self.current(source)?;
+        if range.end > src.data.len() as u64 || range.start >= range.end {
+            return Err(S3Error::InvalidRange(source.key.clone()));
+        }
+        let body = src.data.slice(range.start as usize..range.end as usize);
+        let mut uploads = self.uploads.lock().unwrap();
+        let upload = uploads.get_mut(upload_id).ok_or_else(|| S3Error::NotFound(key.to_owned()))?;
+        upload.parts.insert(number, body);
+        self.parts_uploaded.fetch_add(1, Ordering::Relaxed);
+        self.parts_copied.fetch_add(1, Ordering::Relaxed);
+        Ok(format!("\"part-{number}\""))
+    }
+
+    async fn complete_multipart_upload(
+        &self,
+        key: &str,
+        upload_id: &str,
+        parts: Vec<CompletedPart>,
+    ) -> Result<String, S3Error> {
+        self.injected_put_failure("CompleteMultipartUpload")?;
+        let upload = self.uploads.lock().unwrap().remove(upload_id).ok_or_else(|| S3Error::NotFound(key.to_owned()))?;
+        let mut data = Vec::new();
+        let last = parts.len().saturating_sub(1);
+        for (i, p) in parts.iter().enumerate() {
+            if i > 0 && p.number <= parts[i - 1].number {
+                return Err(S3Error::Service {
+                    operation: "CompleteMultipartUpload",
+                    status: 400,
+                    code: "InvalidPartOrder".into(),
+                    message: "parts must be in ascending order".into(),
+                });
+            }
+            let part = upload.parts.get(&p.number).ok_or_else(|| S3Error::Service {
+                operation: "CompleteMultipartUpload",
+                status: 400,
+                code: "InvalidPart".into(),
+                message: format!("part {} was not uploaded", p.number),
+            })?;
+            if i < last && part.len() < 5 << 20 {
+                return Err(S3Error::Service {
+                    operation: "CompleteMultipartUpload",
+                    status: 400,
+                    code: "EntityTooSmall".into(),
+                    message: format!("part {} is {} bytes", p.number, part.len()),
+                });
+            }
+            data.extend_from_slice(part);
+        }
+        Ok(self.store(&upload.key, data.into(), upload.metadata))
+    }
+
+    async fn abort_multipart_upload(&self, _key: &str, upload_id: &str) -> Result<(), S3Error> {
+        self.uploads.lock().unwrap().remove(upload_id);
+        Ok(())
+    }
+
+    async fn copy_object(
+        &self,
+        source: &ObjectId,
+        dest_key: &str,
+        metadata: Option<&UserMetadata>,
+    ) -> Result<String, S3Error> {
+        self.injected_put_failure("CopyObject")?;
+        let src = self.current(source)?;
+        let metadata = metadata.cloned().unwrap_or(src.metadata);
+        Ok(self.store(dest_key, src.data, metadata))
+    }
+
+    async fn delete_object(&self, key: &str) -> Result<(), S3Error> {
+        self.objects.lock().unwrap().remove(key);
+        Ok(())
     }
 }
 
@@ -210,14 +350,8 @@ mod tests {
             s.put(k, "x");
         }
         let p = s.list_page("a/", Some("/"), None, Some(2)).await.unwrap();
-        assert_eq!(
-            p.objects.iter().map(|o| o.key.as_str()).collect::<Vec<_>>(),
-            ["a/1", "a/2"]
-        );
-        let p = s
-            .list_page("a/", Some("/"), p.next_token, Some(2))
-            .await
-            .unwrap();
+        assert_eq!(p.objects.iter().map(|o| o.key.as_str()).collect::<Vec<_>>(), ["a/1", "a/2"]);
+        let p = s.list_page("a/", Some("/"), p.next_token, Some(2)).await.unwrap();
         assert_eq!(p.common_prefixes, ["a/d/", "a/e/"]);
         assert!(p.next_token.is_none());
     }

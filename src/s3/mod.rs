@@ -7,6 +7,7 @@
 pub mod aws;
 pub mod fake;
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::ops::Range;
 use std::time::SystemTime;
@@ -23,6 +24,18 @@ pub struct ObjectMeta {
     /// Some servers omit ETags from listings; HEAD always tries to fill it.
     pub etag: Option<String>,
     pub last_modified: SystemTime,
+    /// User metadata (`x-amz-meta-*`), known from HEAD only; `None` when from a listing.
+    pub user_metadata: Option<UserMetadata>,
+}
+
+/// User metadata of an object, lower-case names without the `x-amz-meta-` prefix.
+pub type UserMetadata = BTreeMap<String, String>;
+
+/// One completed part of a multipart upload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CompletedPart {
+    pub number: i32,
+    pub etag: String,
 }
 
 /// One page of a `ListObjectsV2` call.
@@ -48,17 +61,10 @@ pub struct ObjectId {
 impl ObjectId {
     pub fn from_meta(meta: &ObjectMeta) -> Self {
         match &meta.etag {
-            Some(etag) => ObjectId {
-                key: meta.key.clone(),
-                version: etag.clone(),
-                has_etag: true,
-            },
+            Some(etag) => ObjectId { key: meta.key.clone(), version: etag.clone(), has_etag: true },
             None => {
-                let nanos = meta
-                    .last_modified
-                    .duration_since(SystemTime::UNIX_EPOCH)
-                    .map(|d| d.as_nanos())
-                    .unwrap_or(0);
+                let nanos =
+                    meta.last_modified.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
                 ObjectId {
                     key: meta.key.clone(),
                     version: format!("size={};mtime={nanos}", meta.size),
@@ -82,9 +88,7 @@ pub struct GetObject {
 
 impl fmt::Debug for GetObject {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("GetObject")
-            .field("etag", &self.etag)
-            .finish_non_exhaustive()
+        f.debug_struct("GetObject").field("etag", &self.etag).finish_non_exhaustive()
     }
 }
 
@@ -104,12 +108,7 @@ pub enum S3Error {
     #[error("cannot reach the S3 endpoint: {0}")]
     Unreachable(String),
     #[error("S3 {operation} failed with HTTP {status} {code}: {message}")]
-    Service {
-        operation: &'static str,
-        status: u16,
-        code: String,
-        message: String,
-    },
+    Service { operation: &'static str, status: u16, code: String, message: String },
     #[error("S3 response body for {0:?} broke off: {1}")]
     Body(String, String),
 }
@@ -152,4 +151,47 @@ pub trait ObjectStore: Send + Sync + 'static {
     /// A ranged GET of `range` (end exclusive, non-empty). When `object.has_etag`, the request
     /// carries `If-Match` and a changed object fails with [`S3Error::PreconditionFailed`].
     async fn get_range(&self, object: &ObjectId, range: Range<u64>) -> Result<GetObject, S3Error>;
+
+    /// Uploads a whole object in one request; returns its ETag.
+    async fn put_object(&self, key: &str, body: Bytes, metadata: &UserMetadata) -> Result<String, S3Error>;
+
+    /// Starts a multipart upload; returns the upload id.
+    async fn create_multipart_upload(&self, key: &str, metadata: &UserMetadata) -> Result<String, S3Error>;
+
+    /// Uploads part `number` (1-based) of an upload; returns the part's ETag.
+    async fn upload_part(&self, key: &str, upload_id: &str, number: i32, body: Bytes) -> Result<String, S3Error>;
+
+    /// Copies `range` of `source` server-side as part `number`; the source must still have the
+    /// given version (`x-amz-copy-source-if-match`).
+    async fn upload_part_copy(
+        &self,
+        key: &str,
+        upload_id: &str,
+        number: i32,
+        source: &ObjectId,
+        range: Range<u64>,
+    ) -> Result<String, S3Error>;
+
+    /// Commits an upload; returns the new object's ETag.
+    async fn complete_multipart_upload(
+        &self,
+        key: &str,
+        upload_id: &str,
+        parts: Vec<CompletedPart>,
+    ) -> Result<String, S3Error>;
+
+    /// Abandons an upload so none of its parts become visible or billable.
+    async fn abort_multipart_upload(&self, key: &str, upload_id: &str) -> Result<(), S3Error>;
+
+    /// Server-side copy of a whole object up to 5 GiB. With `metadata`, the copy gets that
+    /// metadata instead of the source's.
+    async fn copy_object(
+        &self,
+        source: &ObjectId,
+        dest_key: &str,
+        metadata: Option<&UserMetadata>,
+    ) -> Result<String, S3Error>;
+
+    /// Deletes one object; deleting a missing key succeeds (as in S3).
+    async fn delete_object(&self, key: &str) -> Result<(), S3Error>;
 }

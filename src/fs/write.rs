@@ -1,0 +1,898 @@
+//! The write path: per-file dirty state, streaming multipart uploads, local staging, commit.
+//!
+//! A file open for writing has one [`OpenState`], shared by every handle on it. Its body is:
+//! - **Streaming**: a new or truncated file written strictly sequentially. Full parts go up as
+//!   a multipart upload while the program writes, concurrently, each holding permits of the
+//!   write budget (`--write-buffer-size`), so memory stays bounded; a small file is one PUT.
+//! - **Staged**: everything else (random writes, appends to an existing object, truncation).
+//!   Written ranges live in a sparse file under the staging directory, charged against
+//!   `--max-staging-size` (ENOSPC when full); unchanged ranges stay in S3 and are read through
+//!   the block cache, or copied server side with UploadPartCopy when the file is committed.
+//!
+//! Commit (on `flush`/`fsync`/last `release`) makes S3 hold exactly the bytes written: a PUT or a
+//! completed multipart upload. On failure the upload is aborted, nothing partial becomes
+//! visible, and the error reaches `close`/`fsync` as EIO.
+//!
+//! A streaming file that sees a non-sequential write, a truncate or a read first commits what it
+//! has (the bytes written so far become visible to other clients), then continues staged.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::ops::Range;
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use bytes::{Bytes, BytesMut};
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+
+use super::FsError;
+use super::prefetch::Fetcher;
+use crate::s3::{CompletedPart, ObjectId, ObjectStore, S3Error, UserMetadata};
+
+const MIB: u64 = 1 << 20;
+/// S3's limit on parts per upload.
+const MAX_PARTS: u64 = 10_000;
+/// S3's minimum size of every part but the last.
+pub const MIN_PART_SIZE: u64 = 5 * MIB;
+/// Parts per size step when streaming: after every 1,000 parts the part size doubles, so a
+/// stream of unknown length never reaches 10,000 parts (8 MiB parts reach ~8 TiB).
+const PARTS_PER_STEP: i32 = 1000;
+/// Concurrent part uploads or copies while committing a staged file.
+const COMMIT_CONCURRENCY: usize = 8;
+
+/// Write-path settings.
+#[derive(Debug, Clone)]
+pub struct WriteConfig {
+    pub part_size: u64,
+    pub buffer_bytes: u64,
+    pub staging_dir: PathBuf,
+    pub staging_bytes: u64,
+}
+
+/// Non-overlapping, merged byte ranges.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RangeSet(BTreeMap<u64, u64>);
+
+impl RangeSet {
+    pub fn insert(&mut self, r: Range<u64>) {
+        if r.is_empty() {
+            return;
+        }
+        let (mut start, mut end) = (r.start, r.end);
+        let overlapping: Vec<(u64, u64)> =
+            self.0.range(..=end).filter(|(_, e)| **e >= start).map(|(s, e)| (*s, *e)).collect();
+        for (s, e) in overlapping {
+            self.0.remove(&s);
+            start = start.min(s);
+            end = end.max(e);
+        }
+        self.0.insert(start, end);
+    }
+
+    /// Drops everything at or beyond `n`.
+    pub fn truncate(&mut self, n: u64) {
+        let beyond: Vec<u64> = self.0.range(n..).map(|(s, _)| *s).collect();
+        for s in beyond {
+            self.0.remove(&s);
+        }
+        if let Some((_, e)) = self.0.range_mut(..n).next_back()
+            && *e > n
+        {
+            *e = n;
+        }
+    }
+
+    pub fn total(&self) -> u64 {
+        self.0.iter().map(|(s, e)| e - s).sum()
+    }
+
+    /// Bytes of `r` already covered.
+    pub fn covered(&self, r: &Range<u64>) -> u64 {
+        self.0.range(..r.end).map(|(s, e)| e.min(&r.end).saturating_sub(*s.max(&r.start))).sum()
+    }
+
+    /// Splits `r` into maximal pieces that are all inside (true) or all outside (false) the set.
+    pub fn split(&self, r: Range<u64>) -> Vec<(Range<u64>, bool)> {
+        let mut out = Vec::new();
+        let mut pos = r.start;
+        for (&s, &e) in self.0.range(..r.end) {
+            if e <= pos {
+                continue;
+            }
+            if s > pos {
+                out.push((pos..s.min(r.end), false));
+            }
+            let from = s.max(pos);
+            let to = e.min(r.end);
+            if from < to {
+                out.push((from..to, true));
+            }
+            pos = to;
+        }
+        if pos < r.end {
+            out.push((pos..r.end, false));
+        }
+        out
+    }
+
+    pub fn clear(&mut self) {
+        self.0.clear();
+    }
+}
+
+/// The staging area: sparse files under one directory, bounded by bytes written locally.
+#[derive(Debug)]
+pub struct Staging {
+    dir: PathBuf,
+    cap_bytes: u64,
+    used: AtomicU64,
+    next: AtomicU64,
+}
+
+impl Staging {
+    pub fn new(dir: PathBuf, cap_bytes: u64) -> std::io::Result<Self> {
+        std::fs::create_dir_all(&dir)?;
+        for entry in std::fs::read_dir(&dir)? {
+            let _ = std::fs::remove_file(entry?.path());
+        }
+        Ok(Staging { dir, cap_bytes, used: AtomicU64::new(0), next: AtomicU64::new(0) })
+    }
+
+    pub fn used_bytes(&self) -> u64 {
+        self.used.load(Ordering::Relaxed)
+    }
+
+    fn charge(&self, n: u64, key: &str) -> Result<(), FsError> {
+        let mut cur = self.used.load(Ordering::Relaxed);
+        loop {
+            if cur + n > self.cap_bytes {
+                tracing::error!(
+                    key,
+                    used_bytes = cur,
+                    cap_bytes = self.cap_bytes,
+                    dir = %self.dir.display(),
+                    "staging area full: close or fsync other files, or raise --max-staging-size"
+                );
+                return Err(FsError::NoSpace);
+            }
+            match self.used.compare_exchange(cur, cur + n, Ordering::Relaxed, Ordering::Relaxed) {
+                Ok(_) => return Ok(()),
+                Err(actual) => cur = actual,
+            }
+        }
+    }
+
+    fn refund(&self, n: u64) {
+        self.used.fetch_sub(n, Ordering::Relaxed);
+    }
+
+    fn create(&self) -> Result<(File, PathBuf), FsError> {
+        let path = self.dir.join(format!("stage-{}", self.next.fetch_add(1, Ordering::Relaxed)));
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .map_err(|e| FsError::Local(format!("cannot create staging file {}: {e}", path.display())))?;
+        Ok((file, path))
+    }
+}
+
+/// Everything the write path needs from the filesystem.
+pub struct WriteCtx<S> {
+    pub store: Arc<S>,
+    pub fetcher: Arc<Fetcher<S>>,
+    pub config: WriteConfig,
+    pub budget: Arc<Semaphore>,
+    pub staging: Staging,
+}
+
+impl<S: ObjectStore> WriteCtx<S> {
+    pub fn new(store: Arc<S>, fetcher: Arc<Fetcher<S>>, config: WriteConfig) -> std::io::Result<Self> {
+        let permits = (config.buffer_bytes / MIB).max(config.part_size.div_ceil(MIB)) as usize;
+        let staging = Staging::new(config.staging_dir.clone(), config.staging_bytes)?;
+        Ok(WriteCtx { store, fetcher, budget: Arc::new(Semaphore::new(permits)), staging, config })
+    }
+
+    /// Permits (MiB) a part of `len` bytes holds while uploading; capped so one part always fits.
+    fn permits_for(&self, len: u64) -> u32 {
+        let total = (self.config.buffer_bytes / MIB).max(self.config.part_size.div_ceil(MIB));
+        len.div_ceil(MIB).clamp(1, total) as u32
+    }
+
+    /// Part size for a staged commit of `size` bytes: the configured size, grown (in whole MiB)
+    /// so the upload needs at most 10,000 parts.
+    pub fn commit_part_size(&self, size: u64) -> u64 {
+        let min = size.div_ceil(MAX_PARTS).div_ceil(MIB) * MIB;
+        self.config.part_size.max(min).max(MIN_PART_SIZE)
+    }
+
+    /// Part size of streaming part `number` (1-based).
+    pub fn stream_part_size(&self, number: i32) -> u64 {
+        let step = ((number - 1) / PARTS_PER_STEP).min(20) as u32;
+        self.config.part_size.saturating_mul(1u64 << step)
+    }
+}
+
+struct Streamer {
+    buf: BytesMut,
+    upload_id: Option<String>,
+    next_part: i32,
+    tasks: JoinSet<Result<CompletedPart, S3Error>>,
+    done: Vec<CompletedPart>,
+}
+
+struct Staged {
+    file: Option<(File, PathBuf)>,
+    local: RangeSet,
+    /// The S3 version unchanged ranges come from: object, its full size, and how much of it
+    /// still belongs to the file (less after a truncate).
+    source: Option<(Arc<ObjectId>, u64, u64)>,
+    charged: u64,
+}
+
+enum Body {
+    Streaming(Streamer),
+    Staged(Staged),
+}
+
+/// The dirty state of one file.
+pub struct OpenFile {
+    size: u64,
+    dirty: bool,
+    /// Metadata to store with the next commit (mode, owner, symlink marker).
+    pub metadata: UserMetadata,
+    body: Body,
+    /// Set when an upload failed: every later write and commit fails until the file is
+    /// truncated to zero, so a failed file is never replaced by a partial or empty object.
+    failed: Option<String>,
+}
+
+/// Shared per-inode write state. `size` is readable without waiting for an upload in progress.
+pub struct OpenState {
+    size: AtomicU64,
+    writers: AtomicU64,
+    /// Never committed to S3 yet (a file created here): listings must show it from memory.
+    pending: AtomicBool,
+    unlinked: AtomicBool,
+    pub file: tokio::sync::Mutex<OpenFile>,
+    last_error: Mutex<Option<String>>,
+}
+
+impl std::fmt::Debug for OpenState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OpenState")
+            .field("size", &self.size())
+            .field("writers", &self.writers())
+            .finish_non_exhaustive()
+    }
+}
+
+impl OpenState {
+    /// A new, empty file (create, or open with O_TRUNC).
+    pub fn new_empty(metadata: UserMetadata, pending: bool) -> Arc<Self> {
+        Arc::new(OpenState {
+            size: AtomicU64::new(0),
+            writers: AtomicU64::new(0),
+            pending: AtomicBool::new(pending),
+            unlinked: AtomicBool::new(false),
+            file: tokio::sync::Mutex::new(OpenFile {
+                size: 0,
+                dirty: true,
+                metadata,
+                body: Body::Streaming(Streamer::new()),
+                failed: None,
+            }),
+            last_error: Mutex::new(None),
+        })
+    }
+
+    /// An existing object opened for writing without truncation.
+    pub fn from_object(object: Arc<ObjectId>, size: u64, metadata: UserMetadata) -> Arc<Self> {
+        Arc::new(OpenState {
+            size: AtomicU64::new(size),
+            writers: AtomicU64::new(0),
+            pending: AtomicBool::new(false),
+            unlinked: AtomicBool::new(false),
+            file: tokio::sync::Mutex::new(OpenFile {
+                size,
+                dirty: false,
+                metadata,
+                body: Body::Staged(Staged {
+                    file: None,
+                    local: RangeSet::default(),
+                    source: Some((object, size, size)),
+                    charged: 0,
+                }),
+                failed: None,
+            }),
+            last_error: Mutex::new(None),
+        })
+    }
+
+    pub fn size(&self) -> u64 {
+        self.size.load(Ordering::Relaxed)
+    }
+
+    pub fn is_pending(&self) -> bool {
+        self.pending.load(Ordering::Relaxed) && !self.unlinked.load(Ordering::Relaxed)
+    }
+
+    pub fn mark_unlinked(&self) {
+        self.unlinked.store(true, Ordering::Relaxed);
+    }
+
+    pub fn is_unlinked(&self) -> bool {
+        self.unlinked.load(Ordering::Relaxed)
+    }
+
+    pub fn add_writer(&self) {
+        self.writers.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Drops one writer; true when it was the last.
+    pub fn remove_writer(&self) -> bool {
+        self.writers.fetch_sub(1, Ordering::Relaxed) == 1
+    }
+
+    pub fn writers(&self) -> u64 {
+        self.writers.load(Ordering::Relaxed)
+    }
+
+    pub fn set_error(&self, e: Option<String>) {
+        *self.last_error.lock().unwrap() = e;
+    }
+
+    pub fn write_failed(&self) -> Option<String> {
+        self.last_error.lock().unwrap().clone()
+    }
+
+    fn publish(&self, f: &OpenFile) {
+        self.size.store(f.size, Ordering::Relaxed);
+    }
+
+    /// Writes `data` at `offset`.
+    pub async fn write<S: ObjectStore>(
+        &self,
+        ctx: &WriteCtx<S>,
+        key: &str,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<(), FsError> {
+        let mut f = self.file.lock().await;
+        if let Some(e) = &f.failed {
+            return Err(FsError::UploadFailed(e.clone()));
+        }
+        let streaming_append = matches!(f.body, Body::Streaming(_)) && offset == f.size;
+        if !streaming_append {
+            f.ensure_staged(ctx, key).await.inspect_err(|_| self.publish(&f))?;
+        }
+        let result = f.write(ctx, key, offset, data).await;
+        self.publish(&f);
+        result
+    }
+
+    pub async fn read<S: ObjectStore>(
+        &self,
+        ctx: &WriteCtx<S>,
+        key: &str,
+        offset: u64,
+        len: u64,
+    ) -> Result<Vec<Bytes>, FsError> {
+        let mut f = self.file.lock().await;
+        if matches!(f.body, Body::Streaming(_)) {
+            f.ensure_staged(ctx, key).await?;
+            self.pending.store(false, Ordering::Relaxed);
+        }
+        f.read_staged(ctx, offset, len).await
+    }
+
+    pub async fn truncate<S: ObjectStore>(&self, ctx: &WriteCtx<S>, key: &str, size: u64) -> Result<(), FsError> {
+        let mut f = self.file.lock().await;
+        if size == f.size && !matches!(f.body, Body::Staged(_)) {
+            f.dirty = true;
+            return Ok(());
+        }
+        if size == 0 {
+            f.reset_empty(ctx).await;
+            self.publish(&f);
+            return Ok(());
+        }
+        f.ensure_staged(ctx, key).await?;
+        self.pending.store(false, Ordering::Relaxed);
+        let r = f.truncate(ctx, size);
+        self.publish(&f);
+        r
+    }
+
+    /// Marks metadata changed; it is stored with the next commit.
+    pub async fn update_metadata(&self, f: impl FnOnce(&mut UserMetadata)) {
+        let mut file = self.file.lock().await;
+        f(&mut file.metadata);
+        file.dirty = true;
+    }
+
+    /// Commits the file to S3 if it changed. Returns the new object when one was written.
+    pub async fn commit<S: ObjectStore>(&self, ctx: &WriteCtx<S>, key: &str) -> Result<Option<ObjectId>, FsError> {
+        let mut f = self.file.lock().await;
+        if self.is_unlinked() || (!f.dirty && f.failed.is_none()) {
+            return Ok(None);
+        }
+        let result = f.commit(ctx, key).await;
+        match &result {
+            Ok(_) => {
+                self.pending.store(false, Ordering::Relaxed);
+                self.set_error(None);
+            }
+            Err(e) => {
+                tracing::error!(key, error = %e, "upload failed; the object in S3 is unchanged and the \
+                    written data was not saved");
+                self.set_error(Some(e.to_string()));
+            }
+        }
+        self.publish(&f);
+        result.map(Some)
+    }
+
+    /// Frees local resources (staging file, budget).
+    pub async fn discard<S: ObjectStore>(&self, ctx: &WriteCtx<S>) {
+        let mut f = self.file.lock().await;
+        f.reset_empty(ctx).await;
+        f.dirty = false;
+    }
+}
+
+impl Streamer {
+    fn new() -> Self {
+        Streamer { buf: BytesMut::new(), upload_id: None, next_part: 1, tasks: JoinSet::new(), done: Vec::new() }
+    }
+
+    /// Starts uploading `part` as the next part; waits for write-budget permits first.
+    async fn start_part<S: ObjectStore>(
+        &mut self,
+        ctx: &WriteCtx<S>,
+        key: &str,
+        metadata: &UserMetadata,
+        part: Bytes,
+    ) -> Result<(), S3Error> {
+        // Surface failures of earlier parts as early as possible.
+        while let Some(done) = self.tasks.try_join_next() {
+            self.done.push(flatten(done, key)?);
+        }
+        let upload_id = match &self.upload_id {
+            Some(id) => id.clone(),
+            None => {
+                let id = ctx.store.create_multipart_upload(key, metadata).await?;
+                self.upload_id = Some(id.clone());
+                id
+            }
+        };
+        let permit = Arc::clone(&ctx.budget)
+            .acquire_many_owned(ctx.permits_for(part.len() as u64))
+            .await
+            .expect("write budget semaphore is never closed");
+        let number = self.next_part;
+        self.next_part += 1;
+        let store = Arc::clone(&ctx.store);
+        let key = key.to_owned();
+        self.tasks.spawn(async move {
+            let etag = store.upload_part(&key, &upload_id, number, part).await?;
+            drop(permit);
+            Ok(CompletedPart { number, etag })
+        });
+        Ok(())
+    }
+
+    /// Waits for every part; returns them in order.
+    async fn join_all(&mut self, key: &str) -> Result<Vec<CompletedPart>, S3Error> {
+        let mut parts = std::mem::take(&mut self.done);
+        let mut first_err = None;
+        while let Some(done) = self.tasks.join_next().await {
+            match done {
+                Ok(Ok(p)) => parts.push(p),
+                Ok(Err(e)) => {
+                    first_err.get_or_insert(e);
+                }
+                Err(e) => {
+                    first_err.get_or_insert(S3Error::Body(key.to_owned(), format!("part upload task failed: {e}")));
+                }
+            }
+        }
+        if let Some(e) = first_err {
+            return Err(e);
+        }
+        parts.sort_by_key(|p| p.number);
+        Ok(parts)
+    }
+
+    /// Stops in-flight parts and aborts the upload (best effort; logged).
+    async fn abort<S: ObjectStore>(&mut self, ctx: &WriteCtx<S>, key: &str) {
+        self.tasks.abort_all();
+        while self.tasks.join_next().await.is_some() {}
+        if let Some(id) = self.upload_id.take()
+            && let Err(e) = ctx.store.abort_multipart_upload(key, &id).await
+        {
+            tracing::warn!(key, upload_id = %id, error = %e, "cannot abort multipart upload; \
+                a bucket lifecycle rule for incomplete uploads will clean it up");
+        }
+        self.buf.clear();
+        self.done.clear();
+        self.next_part = 1;
+    }
+}
+
+impl OpenFile {
+    async fn write<S: ObjectStore>(
+        &mut self,
+        ctx: &WriteCtx<S>,
+        key: &str,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<(), FsError> {
+        self.dirty = true;
+        match &mut self.body {
+            Body::Streaming(st) => {
+                st.buf.extend_from_slice(data);
+                self.size += data.len() as u64;
+                loop {
+                    let part_size = ctx.stream_part_size(st.next_part) as usize;
+                    if st.buf.len() < part_size {
+                        break;
+                    }
+                    let part = st.buf.split_to(part_size).freeze();
+                    if let Err(e) = st.start_part(ctx, key, &self.metadata, part).await {
+                        st.abort(ctx, key).await;
+                        self.failed = Some(e.to_string());
+                        return Err(e.into());
+                    }
+                }
+                Ok(())
+            }
+            Body::Staged(sg) => {
+                let end = offset + data.len() as u64;
+                let new_bytes = data.len() as u64 - sg.local.covered(&(offset..end));
+                ctx.staging.charge(new_bytes, key)?;
+                sg.charged += new_bytes;
+                if sg.file.is_none() {
+                    sg.file = Some(ctx.staging.create()?);
+                }
+                let (file, path) = sg.file.as_ref().expect("just created");
+                file.write_all_at(data, offset)
+                    .map_err(|e| FsError::Local(format!("cannot write staging file {}: {e}", path.display())))?;
+                sg.local.insert(offset..end);
+                self.size = self.size.max(end);
+                Ok(())
+            }
+        }
+    }
+
+    /// Back to an empty streaming file (truncate to 0), dropping uploads and staged data.
+    async fn reset_empty<S: ObjectStore>(&mut self, ctx: &WriteCtx<S>) {
+        match &mut self.body {
+            Body::Streaming(st) => st.abort(ctx, "").await,
+            Body::Staged(sg) => {
+                ctx.staging.refund(sg.charged);
+                if let Some((_, path)) = sg.file.take() {
+                    let _ = std::fs::remove_file(path);
+                }
+            }
+        }
+        self.body = Body::Streaming(Streamer::new());
+        self.size = 0;
+        self.dirty = true;
+        self.failed = None;
+    }
+
+    /// Converts a streaming body to a staged one: commits what has been streamed if a multipart
+    /// upload is under way, or moves the in-memory buffer to a staging file.
+    async fn ensure_staged<S: ObjectStore>(&mut self, ctx: &WriteCtx<S>, key: &str) -> Result<(), FsError> {
+        let Body::Streaming(st) = &mut self.body else { return Ok(()) };
+        if st.upload_id.is_none() {
+            let buf = std::mem::take(&mut st.buf);
+            self.body = Body::Staged(Staged { file: None, local: RangeSet::default(), source: None, charged: 0 });
+            if !buf.is_empty() {
+                let size = self.size;
+                self.size = 0;
+                self.write(ctx, key, 0, &buf).await?;
+                self.size = size;
+            }
+            return Ok(());
+        }
+        let object = self.commit(ctx, key).await?;
+        let size = self.size;
+        self.body = Body::Staged(Staged {
+            file: None,
+            local: RangeSet::default(),
+            source: Some((Arc::new(object), size, size)),
+            charged: 0,
+        });
+        Ok(())
+    }
+
+    fn truncate<S: ObjectStore>(&mut self, ctx: &WriteCtx<S>, size: u64) -> Result<(), FsError> {
+        let Body::Staged(sg) = &mut self.body else { unreachable!("ensure_staged ran first") };
+        let before = sg.local.total();
+        sg.local.truncate(size);
+        let dropped = before - sg.local.total();
+        ctx.staging.refund(dropped);
+        sg.charged -= dropped;
+        if let Some((_, _, remote)) = &mut sg.source {
+            *remote = (*remote).min(size);
+        }
+        if let Some((file, path)) = &sg.file {
+            file.set_len(size).map_err(|e| FsError::Local(format!("cannot truncate {}: {e}", path.display())))?;
+        }
+        self.size = size;
+        self.dirty = true;
+        Ok(())
+    }
+
+    async fn read_staged<S: ObjectStore>(
+        &self,
+        ctx: &WriteCtx<S>,
+        offset: u64,
+        len: u64,
+    ) -> Result<Vec<Bytes>, FsError> {
+        let Body::Staged(sg) = &self.body else { unreachable!("callers stage first") };
+        let end = offset.saturating_add(len).min(self.size);
+        if offset >= end {
+            return Ok(Vec::new());
+        }
+        let mut out = Vec::new();
+        for (piece, local) in sg.local.split(offset..end) {
+            if local {
+                let (file, path) = sg.file.as_ref().expect("local ranges imply a staging file");
+                let mut buf = vec![0u8; (piece.end - piece.start) as usize];
+                file.read_exact_at(&mut buf, piece.start)
+                    .map_err(|e| FsError::Local(format!("cannot read staging file {}: {e}", path.display())))?;
+                out.push(Bytes::from(buf));
+                continue;
+            }
+            // Not written locally: from the source object while it covers it, zeros beyond.
+            let remote_end = sg.source.as_ref().map_or(0, |(_, _, r)| *r);
+            if piece.start < remote_end {
+                let (obj, full, _) = sg.source.as_ref().expect("remote_end > 0 implies a source");
+                let to = piece.end.min(remote_end);
+                out.extend(ctx.fetcher.read(obj, *full, piece.start..to, 0).await?);
+                if to < piece.end {
+                    out.push(Bytes::from(vec![0u8; (piece.end - to) as usize]));
+                }
+            } else {
+                out.push(Bytes::from(vec![0u8; (piece.end - piece.start) as usize]));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Uploads the current content; on success the object in S3 is exactly the file.
+    async fn commit<S: ObjectStore>(&mut self, ctx: &WriteCtx<S>, key: &str) -> Result<ObjectId, FsError> {
+        if let Some(e) = &self.failed {
+            return Err(FsError::UploadFailed(e.clone()));
+        }
+        let result = self.try_commit(ctx, key).await;
+        if let Err(e) = &result {
+            self.failed = Some(e.to_string());
+        }
+        result
+    }
+
+    async fn try_commit<S: ObjectStore>(&mut self, ctx: &WriteCtx<S>, key: &str) -> Result<ObjectId, FsError> {
+        let etag = match &mut self.body {
+            Body::Streaming(st) => {
+                let result = Self::commit_streaming(st, ctx, key, &self.metadata).await;
+                if result.is_err() {
+                    st.abort(ctx, key).await;
+                }
+                result?
+            }
+            Body::Staged(_) => self.commit_staged(ctx, key).await?,
+        };
+        let object = resolve_etag(ctx, key, etag, self.size).await?;
+        // The committed object is now the source; local data can go.
+        if let Body::Staged(sg) = &mut self.body {
+            ctx.staging.refund(sg.charged);
+            sg.charged = 0;
+            sg.local.clear();
+            if let Some((_, path)) = sg.file.take() {
+                let _ = std::fs::remove_file(path);
+            }
+            sg.source = Some((Arc::new(object.clone()), self.size, self.size));
+        } else {
+            self.body = Body::Staged(Staged {
+                file: None,
+                local: RangeSet::default(),
+                source: Some((Arc::new(object.clone()), self.size, self.size)),
+                charged: 0,
+            });
+        }
+        self.dirty = false;
+        Ok(object)
+    }
+
+    async fn commit_streaming<S: ObjectStore>(
+        st: &mut Streamer,
+        ctx: &WriteCtx<S>,
+        key: &str,
+        metadata: &UserMetadata,
+    ) -> Result<String, FsError> {
+        if st.upload_id.is_none() {
+            let body = std::mem::take(&mut st.buf).freeze();
+            return Ok(ctx.store.put_object(key, body, metadata).await?);
+        }
+        if !st.buf.is_empty() {
+            let last = std::mem::take(&mut st.buf).freeze();
+            st.start_part(ctx, key, metadata, last).await?;
+        }
+        let parts = st.join_all(key).await?;
+        let id = st.upload_id.take().expect("checked above");
+        match ctx.store.complete_multipart_upload(key, &id, parts).await {
+            Ok(etag) => Ok(etag),
+            Err(e) => {
+                st.upload_id = Some(id);
+                Err(e.into())
+            }
+        }
+    }
+
+    async fn commit_staged<S: ObjectStore>(&mut self, ctx: &WriteCtx<S>, key: &str) -> Result<String, FsError> {
+        let size = self.size;
+        let part_size = ctx.commit_part_size(size);
+        if size <= part_size {
+            let body: Vec<u8> = self.read_staged(ctx, 0, size).await?.concat();
+            return Ok(ctx.store.put_object(key, body.into(), &self.metadata).await?);
+        }
+        let upload_id = ctx.store.create_multipart_upload(key, &self.metadata).await?;
+        let result = self.upload_staged_parts(ctx, key, &upload_id, part_size).await;
+        let result = match result {
+            Ok(parts) => ctx.store.complete_multipart_upload(key, &upload_id, parts).await.map_err(FsError::from),
+            Err(e) => Err(e),
+        };
+        if result.is_err()
+            && let Err(e) = ctx.store.abort_multipart_upload(key, &upload_id).await
+        {
+            tracing::warn!(key, upload_id, error = %e, "cannot abort multipart upload");
+        }
+        result
+    }
+
+    async fn upload_staged_parts<S: ObjectStore>(
+        &self,
+        ctx: &WriteCtx<S>,
+        key: &str,
+        upload_id: &str,
+        part_size: u64,
+    ) -> Result<Vec<CompletedPart>, FsError> {
+        let Body::Staged(sg) = &self.body else { unreachable!() };
+        let size = self.size;
+        let parallel = Arc::new(Semaphore::new(COMMIT_CONCURRENCY));
+        let mut tasks: JoinSet<Result<CompletedPart, S3Error>> = JoinSet::new();
+        let mut number = 0;
+        let mut start = 0;
+        let mut first_err: Option<FsError> = None;
+        let mut parts = Vec::new();
+        while start < size && first_err.is_none() {
+            number += 1;
+            let range = start..(start + part_size).min(size);
+            start = range.end;
+            let copyable = sg
+                .source
+                .as_ref()
+                .filter(|(obj, _, remote)| obj.has_etag && range.end <= *remote && sg.local.covered(&range) == 0);
+            let gate = Arc::clone(&parallel).acquire_owned().await.expect("never closed");
+            let store = Arc::clone(&ctx.store);
+            let (part_key, upload_id) = (key.to_owned(), upload_id.to_owned());
+            if let Some((obj, _, _)) = copyable {
+                let obj = Arc::clone(obj);
+                tasks.spawn(async move {
+                    let etag = store.upload_part_copy(&part_key, &upload_id, number, &obj, range).await?;
+                    drop(gate);
+                    Ok(CompletedPart { number, etag })
+                });
+            } else {
+                let permit = Arc::clone(&ctx.budget)
+                    .acquire_many_owned(ctx.permits_for(range.end - range.start))
+                    .await
+                    .expect("never closed");
+                match self.read_staged(ctx, range.start, range.end - range.start).await {
+                    Ok(parts) => {
+                        let body = Bytes::from(parts.concat());
+                        tasks.spawn(async move {
+                            let etag = store.upload_part(&part_key, &upload_id, number, body).await?;
+                            drop((gate, permit));
+                            Ok(CompletedPart { number, etag })
+                        });
+                    }
+                    Err(e) => first_err = Some(e),
+                }
+            }
+            while let Some(done) = tasks.try_join_next() {
+                match flatten(done, key) {
+                    Ok(p) => parts.push(p),
+                    Err(e) => {
+                        first_err.get_or_insert(e.into());
+                    }
+                }
+            }
+        }
+        while let Some(done) = tasks.join_next().await {
+            match flatten(done, key) {
+                Ok(p) => parts.push(p),
+                Err(e) => {
+                    first_err.get_or_insert(e.into());
+                }
+            }
+        }
+        if let Some(e) = first_err {
+            return Err(e);
+        }
+        parts.sort_by_key(|p| p.number);
+        Ok(parts)
+    }
+}
+
+fn flatten(
+    done: Result<Result<CompletedPart, S3Error>, tokio::task::JoinError>,
+    key: &str,
+) -> Result<CompletedPart, S3Error> {
+    done.map_err(|e| S3Error::Body(key.to_owned(), format!("part upload task failed: {e}")))?
+}
+
+/// The committed object's id; HEADs when the server returned no ETag.
+async fn resolve_etag<S: ObjectStore>(
+    ctx: &WriteCtx<S>,
+    key: &str,
+    etag: String,
+    size: u64,
+) -> Result<ObjectId, FsError> {
+    if !etag.is_empty() {
+        return Ok(ObjectId { key: key.to_owned(), version: etag, has_etag: true });
+    }
+    let meta = ctx.store.head_object(key).await?;
+    if meta.size != size {
+        tracing::warn!(key, expected = size, got = meta.size, "object size after upload differs");
+    }
+    Ok(ObjectId::from_meta(&meta))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rangeset_merges_and_splits() {
+        let mut r = RangeSet::default();
+        r.insert(10..20);
+        r.insert(30..40);
+        r.insert(15..32);
+        assert_eq!(r.total(), 30);
+        assert_eq!(r.split(0..50), vec![(0..10, false), (10..40, true), (40..50, false)]);
+        r.truncate(25);
+        assert_eq!(r.split(0..30), vec![(0..10, false), (10..25, true), (25..30, false)]);
+        assert_eq!(r.covered(&(0..12)), 2);
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn rangeset_matches_a_bitmap(ops in proptest::collection::vec((0u64..200, 0u64..50, proptest::bool::ANY), 1..60)) {
+            let mut set = RangeSet::default();
+            let mut bits = vec![false; 300];
+            for (start, len, truncate) in ops {
+                if truncate {
+                    set.truncate(start);
+                    for b in bits.iter_mut().skip(start as usize) { *b = false; }
+                } else {
+                    set.insert(start..start + len);
+                    for b in bits.iter_mut().skip(start as usize).take(len as usize) { *b = true; }
+                }
+                proptest::prop_assert_eq!(set.total(), bits.iter().filter(|b| **b).count() as u64);
+                for (piece, inside) in set.split(0..300) {
+                    for i in piece { proptest::prop_assert_eq!(bits[i as usize], inside); }
+                }
+                proptest::prop_assert_eq!(set.covered(&(20..120)), bits[20..120].iter().filter(|b| **b).count() as u64);
+            }
+        }
+    }
+}
