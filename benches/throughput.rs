@@ -1,9 +1,9 @@
-//! Read-throughput benchmark: prints raw S3 GET throughput and FUSE read throughput from the
-//! same local server in the same run, each as MiB/s and as a ratio of the raw figure.
+//! Throughput benchmark: raw S3 figures and the same work through the mount, from the same
+//! local server in the same run, each as MiB/s (or files/s) and as a ratio of the raw figure.
 //!
 //! Run with `cargo bench --bench throughput`. Uses the test harness to start s3s-fs on
 //! 127.0.0.1 (or `S3CSI_TEST_ENDPOINT`). `S3CSI_BENCH_RUNS` (default 3) sets the repetitions;
-//! every figure is the median over them.
+//! every figure is the median over them. `S3CSI_BENCH=read` or `=write` runs one half.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -156,6 +156,162 @@ fn one_run(server: &S3Server, bucket: &str, seed: u64) -> Figures {
     Figures { raw, cold, warm, concurrent, random }
 }
 
+/// Parallel parts of the raw multipart-upload baseline: the mount's default budget
+/// (64 MiB of 8 MiB parts).
+const RAW_UPLOAD_PARALLEL: usize = 8;
+const PART_BYTES: u64 = 8 * MIB;
+const SMALL_FILES: usize = 1000;
+const SMALL_FILE_BYTES: usize = 4096;
+
+/// Multipart upload of `data` straight to S3 (no FUSE).
+fn raw_multipart_upload(server: &S3Server, bucket: &str, key: &str, data: &Arc<Vec<u8>>) -> f64 {
+    let client = server.client().clone();
+    let start = Instant::now();
+    server.block_on(async {
+        let id = client.create_multipart_upload().bucket(bucket).key(key).send().await.unwrap();
+        let id = id.upload_id().unwrap().to_owned();
+        let sem = Arc::new(tokio::sync::Semaphore::new(RAW_UPLOAD_PARALLEL));
+        let mut tasks = tokio::task::JoinSet::new();
+        for (i, off) in (0..data.len() as u64).step_by(PART_BYTES as usize).enumerate() {
+            let (client, sem, bucket, key, id, data) =
+                (client.clone(), sem.clone(), bucket.to_owned(), key.to_owned(), id.clone(), data.clone());
+            tasks.spawn(async move {
+                let _p = sem.acquire_owned().await.unwrap();
+                let end = (off + PART_BYTES).min(data.len() as u64) as usize;
+                let body = bytes::Bytes::copy_from_slice(&data[off as usize..end]);
+                let n = i as i32 + 1;
+                let out = client
+                    .upload_part()
+                    .bucket(bucket)
+                    .key(key)
+                    .upload_id(id)
+                    .part_number(n)
+                    .body(body.into())
+                    .send()
+                    .await
+                    .expect("raw UploadPart");
+                (n, out.e_tag().unwrap_or_default().to_owned())
+            });
+        }
+        let mut parts = Vec::new();
+        while let Some(r) = tasks.join_next().await {
+            parts.push(r.unwrap());
+        }
+        parts.sort();
+        let parts = parts
+            .into_iter()
+            .map(|(n, e)| aws_sdk_s3::types::CompletedPart::builder().part_number(n).e_tag(e).build())
+            .collect();
+        client
+            .complete_multipart_upload()
+            .bucket(bucket)
+            .key(key)
+            .upload_id(id)
+            .multipart_upload(aws_sdk_s3::types::CompletedMultipartUpload::builder().set_parts(Some(parts)).build())
+            .send()
+            .await
+            .expect("raw CompleteMultipartUpload");
+    });
+    mibps(data.len() as u64, start.elapsed().as_secs_f64())
+}
+
+struct WriteFigures {
+    raw: f64,
+    seq: f64,
+    create: f64,
+    cp: f64,
+}
+
+/// Flushes dirty pages (the server stores objects as files) so one phase's writeback does not
+/// slow the next one down.
+fn settle() {
+    // SAFETY: sync(2) takes no arguments and cannot fail.
+    unsafe { libc::sync() };
+}
+
+fn write_run(server: &S3Server, bucket: &str, data: &Arc<Vec<u8>>, run: usize) -> WriteFigures {
+    let mount = Mount::new(server, bucket, &[]);
+    let seq_write = || {
+        settle();
+        let t = Instant::now();
+        {
+            let mut f = File::create(mount.join(format!("seq-{run}"))).expect("create through mount");
+            for chunk in data.chunks(MIB as usize) {
+                std::io::Write::write_all(&mut f, chunk).expect("write through mount");
+            }
+            // Dropping the file closes it; close returns once the object is committed.
+        }
+        mibps(data.len() as u64, t.elapsed().as_secs_f64())
+    };
+    let raw_write = || {
+        settle();
+        raw_multipart_upload(server, bucket, &format!("raw-{run}"), data)
+    };
+    // Alternate which goes first: the server's own disk writeback slows whichever runs second.
+    let (raw, seq) = if run % 2 == 0 {
+        let r = raw_write();
+        (r, seq_write())
+    } else {
+        let s = seq_write();
+        (raw_write(), s)
+    };
+
+    let small = vec![7u8; SMALL_FILE_BYTES];
+    let t = Instant::now();
+    for i in 0..SMALL_FILES {
+        let dir = mount.join(format!("small-{run}/d{}", i % 10));
+        if i < 10 {
+            std::fs::create_dir_all(&dir).unwrap();
+        }
+        std::fs::write(dir.join(format!("f{i}")), &small).unwrap();
+    }
+    let create = SMALL_FILES as f64 / t.elapsed().as_secs_f64();
+
+    let src = tempfile::tempdir().unwrap();
+    for i in 0..SMALL_FILES {
+        let dir = src.path().join(format!("tree/d{}", i % 10));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join(format!("f{i}")), &small).unwrap();
+    }
+    let t = Instant::now();
+    let status = std::process::Command::new("cp")
+        .arg("-r")
+        .arg(src.path().join("tree"))
+        .arg(mount.join(format!("cp-{run}")))
+        .status()
+        .unwrap();
+    assert!(status.success(), "cp -r into the mount failed");
+    let cp = SMALL_FILES as f64 / t.elapsed().as_secs_f64();
+    mount.unmount();
+    WriteFigures { raw, seq, create, cp }
+}
+
+fn bench_writes(server: &S3Server, runs: usize) {
+    let bucket = server.unique_bucket("benchw");
+    let data = Arc::new(random_bytes(BIG_BYTES, 77));
+    let mut all = Vec::new();
+    for run in 0..runs {
+        let f = write_run(server, &bucket, &data, run);
+        println!(
+            "run {}: raw multipart {:.0} MiB/s  write {:.0} MiB/s  create {:.0} files/s  cp -r {:.0} files/s",
+            run + 1,
+            f.raw,
+            f.seq,
+            f.create,
+            f.cp
+        );
+        all.push(f);
+    }
+    let raw = median(all.iter().map(|f| f.raw).collect());
+    let seq = median(all.iter().map(|f| f.seq).collect());
+    let ratio = median(all.iter().map(|f| f.seq / f.raw).collect());
+    println!("\nwrite medians over {runs} run(s) (ratios taken within each run):");
+    println!("{:<44} {raw:>9.0} MiB/s   1.00x raw", "raw multipart upload, 1 GiB, 8 x 8 MiB parts");
+    println!("{:<44} {seq:>9.0} MiB/s  {ratio:>5.2}x raw", "sequential write through the mount");
+    println!("{:<44} {:>9.0} files/s", "create 1,000 4 KiB files", median(all.iter().map(|f| f.create).collect()));
+    println!("{:<44} {:>9.0} files/s", "cp -r of 1,000 4 KiB files", median(all.iter().map(|f| f.cp).collect()));
+}
+
 fn main() {
     // `cargo test --benches` runs bench targets with `--bench` absent; stay quick there.
     if !std::env::args().any(|a| a == "--bench") {
@@ -163,7 +319,17 @@ fn main() {
         return;
     }
     let runs: usize = std::env::var("S3CSI_BENCH_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(3).max(1);
+    let which = std::env::var("S3CSI_BENCH").unwrap_or_default();
     let server = S3Server::start();
+    if which != "write" {
+        bench_reads(&server, runs);
+    }
+    if which != "read" {
+        bench_writes(&server, runs);
+    }
+}
+
+fn bench_reads(server: &S3Server, runs: usize) {
     let bucket = server.unique_bucket("bench");
     println!(
         "uploading {} MiB of test data to {} ...",
@@ -177,7 +343,7 @@ fn main() {
 
     let mut all = Vec::new();
     for run in 0..runs {
-        let f = one_run(&server, &bucket, 99 + run as u64);
+        let f = one_run(server, &bucket, 99 + run as u64);
         println!(
             "run {}: raw {:.0}  cold {:.0}  warm {:.0}  4 readers {:.0}  random 1MiB {:.0} (MiB/s)",
             run + 1,
@@ -189,12 +355,16 @@ fn main() {
         );
         all.push(f);
     }
-    let raw = median(all.iter().map(|f| f.raw).collect());
-    let row = |name: &str, v: f64| println!("{name:<44} {v:>9.0} MiB/s  {:>5.2}x raw", v / raw);
+    // Each ratio is taken within a run (same server state), then the median over runs.
+    let row = |name: &str, get: &dyn Fn(&Figures) -> f64| {
+        let v = median(all.iter().map(get).collect());
+        let ratio = median(all.iter().map(|f| get(f) / f.raw).collect());
+        println!("{name:<44} {v:>9.0} MiB/s  {ratio:>5.2}x raw");
+    };
     println!("\nmedians over {runs} run(s), s3s-fs on {}:", server.endpoint());
-    row("raw S3 GET, 1 GiB, 16 parallel 8 MiB ranges", raw);
-    row("cold sequential read through the mount", median(all.iter().map(|f| f.cold).collect()));
-    row("warm re-read (block cache)", median(all.iter().map(|f| f.warm).collect()));
-    row("4 concurrent readers of 4 objects (total)", median(all.iter().map(|f| f.concurrent).collect()));
-    row("random 1 MiB reads", median(all.iter().map(|f| f.random).collect()));
+    row("raw S3 GET, 1 GiB, 16 parallel 8 MiB ranges", &|f| f.raw);
+    row("cold sequential read through the mount", &|f| f.cold);
+    row("warm re-read (block cache)", &|f| f.warm);
+    row("4 concurrent readers of 4 objects (total)", &|f| f.concurrent);
+    row("random 1 MiB reads", &|f| f.random);
 }

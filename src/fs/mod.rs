@@ -265,11 +265,18 @@ impl<S: ObjectStore> S3Fs<S> {
     async fn probe(&self, dir_key: &str, name: &str) -> Result<Option<(Kind, Stat)>, FsError> {
         let file_key = format!("{dir_key}{name}");
         let dir_prefix = format!("{file_key}/");
-        let (head, list) = tokio::join!(
-            self.store.head_object(&file_key),
-            self.store.list_page(&dir_prefix, Some("/"), None, Some(1))
-        );
-        let list = list?;
+        // Both requests run at once; when the listing shows a directory, the HEAD is not awaited
+        // (some servers answer HEAD on a "directory" key slowly or with a retried 5xx).
+        let head_fut = self.store.head_object(&file_key);
+        let list_fut = self.store.list_page(&dir_prefix, Some("/"), None, Some(1));
+        tokio::pin!(head_fut, list_fut);
+        let mut head_early = None;
+        let list = loop {
+            tokio::select! {
+                l = &mut list_fut => break l?,
+                h = &mut head_fut, if head_early.is_none() => head_early = Some(h),
+            }
+        };
         if !list.objects.is_empty() || !list.common_prefixes.is_empty() {
             let mut stat = Self::dir_stat();
             if let Some(marker) = list.objects.iter().find(|o| o.key == dir_prefix)
@@ -280,6 +287,10 @@ impl<S: ObjectStore> S3Fs<S> {
             }
             return Ok(Some((Kind::Dir, stat)));
         }
+        let head = match head_early {
+            Some(h) => h,
+            None => head_fut.await,
+        };
         match head {
             Ok(meta) => Ok(Some((kind_from_meta(&meta), stat_from_meta(&meta)))),
             Err(S3Error::NotFound(_)) => Ok(None),
