@@ -248,7 +248,7 @@ fn write_run(server: &S3Server, bucket: &str, data: &Arc<Vec<u8>>, run: usize) -
         raw_multipart_upload(server, bucket, &format!("raw-{run}"), data)
     };
     // Alternate which goes first: the server's own disk writeback slows whichever runs second.
-    let (raw, seq) = if run % 2 == 0 {
+    let (raw, seq) = if run.is_multiple_of(2) {
         let r = raw_write();
         (r, seq_write())
     } else {
