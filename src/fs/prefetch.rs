@@ -25,13 +25,13 @@ use crate::s3::{ObjectId, ObjectStore, S3Error};
 /// Cache block size. 1 MiB matches the largest FUSE read (256 pages), so a kernel read touches
 /// at most two blocks, while keeping random 4 KiB reads from dragging in much more than needed.
 pub const BLOCK_SIZE: u64 = 1 << 20;
-/// Blocks per sequential GET. 8 MiB requests amortise per-request latency; smaller requests
-/// were slower against every server we tried, larger ones delay the first byte.
-pub const REQUEST_BLOCKS: u64 = 4;
+/// Blocks per sequential GET. 16 MiB requests: fewer, larger streams cost the server (and us)
+/// less CPU per byte; against a CPU-bound local server 16 MiB beat 4 and 8 MiB by 30-50%.
+pub const REQUEST_BLOCKS: u64 = 16;
 /// First prefetch window once a sequential pattern is seen; doubles per sequential read.
 pub const INITIAL_WINDOW: u64 = 2 * BLOCK_SIZE;
-/// Largest prefetch window: enough requests in flight to keep a fast server busy.
-pub const MAX_WINDOW: u64 = 64 * BLOCK_SIZE;
+/// Largest prefetch window: eight 16 MiB requests in flight keep a fast server busy.
+pub const MAX_WINDOW: u64 = 128 * BLOCK_SIZE;
 /// A read that starts within this distance of where the previous one ended still counts as
 /// sequential: the kernel's async readahead can reorder neighbouring requests.
 pub const SEQUENTIAL_SLACK: u64 = 4 * BLOCK_SIZE;

@@ -70,12 +70,29 @@ pub async fn build_client(cfg: &S3Config) -> Result<Client, S3ClientError> {
         loader = loader.endpoint_url(url);
     }
     let sdk = loader.load().await;
+    check_credentials(&sdk).await?;
     let s3cfg = aws_sdk_s3::config::Builder::from(&sdk)
         .force_path_style(cfg.force_path_style)
         .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
         .response_checksum_validation(ResponseChecksumValidation::WhenRequired)
         .build();
     Ok(Client::from_conf(s3cfg))
+}
+
+/// Resolves credentials once, so a missing or broken credential source is reported as such
+/// instead of as a failed request.
+async fn check_credentials(sdk: &aws_config::SdkConfig) -> Result<(), S3ClientError> {
+    use aws_sdk_s3::config::ProvideCredentials;
+    let Some(provider) = sdk.credentials_provider() else {
+        return Err(S3ClientError("no AWS credentials provider is configured".into()));
+    };
+    provider.provide_credentials().await.map(|_| ()).map_err(|e| {
+        S3ClientError(format!(
+            "no usable AWS credentials ({}); set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, \
+             AWS_PROFILE, or a web identity token",
+            error_chain(&e)
+        ))
+    })
 }
 
 fn read_ca_bundle(path: &Path) -> Result<Vec<u8>, S3ClientError> {
@@ -159,7 +176,8 @@ fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
         }
         cur = e.source();
     }
-    parts.join(": ")
+    // One line: some sources span several.
+    parts.join(": ").split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
 /// Characters escaped in `x-amz-copy-source`: everything but unreserved characters and `/`.
