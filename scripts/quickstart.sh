@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# One command from a fresh machine to a mounted bucket: installs fuse3 if needed, starts a local
+# S3 server (scripts/start-s3.sh), uploads a few demo files through S3, builds s3csi and mounts
+# bucket `demo` at ${1:-/tmp/s3csi-demo}. Safe to run again.
+set -euo pipefail
+
+MOUNTPOINT="${1:-/tmp/s3csi-demo}"
+ENDPOINT=http://127.0.0.1:9000
+REGION=us-east-1
+BUCKET=demo
+export AWS_ACCESS_KEY_ID=s3csi AWS_SECRET_ACCESS_KEY=s3csi-secret AWS_REGION="$REGION"
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+say() { printf '\n==> %s\n' "$*"; }
+die() { printf 'error: %s\n' "$*" >&2; exit 1; }
+
+as_root() {
+    if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
+}
+
+if ! command -v fusermount3 >/dev/null 2>&1; then
+    say "installing fuse3 (fusermount3)"
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get update -q
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q fuse3
+fi
+[ -c /dev/fuse ] || die "/dev/fuse is missing: this machine (or container) has no FUSE access"
+
+say "starting the local S3 server"
+bash "$ROOT/scripts/start-s3.sh"
+
+# put KEY FILE: upload through the S3 API (SigV4-signed curl), never into the server's data dir.
+put() {
+    local key=$1 file=$2 sha code
+    sha=$(sha256sum "$file" | cut -d' ' -f1)
+    code=$(curl -sS --max-time 120 -o /dev/null -w '%{http_code}' -T "$file" \
+        --aws-sigv4 "aws:amz:$REGION:s3" --user "$AWS_ACCESS_KEY_ID:$AWS_SECRET_ACCESS_KEY" \
+        -H "x-amz-content-sha256: $sha" "$ENDPOINT/$BUCKET/$key")
+    [ "$code" = 200 ] || die "upload of $key failed (HTTP $code)"
+    echo "uploaded s3://$BUCKET/$key ($(wc -c <"$file") bytes)"
+}
+
+say "uploading demo files to s3://$BUCKET"
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+echo "Hello from s3csi! This file lives in bucket $BUCKET." >"$work/hello.txt"
+printf 'a,b\n1,2\n3,4\n' >"$work/table.csv"
+head -c $((4 * 1024 * 1024)) /dev/urandom >"$work/random.bin"
+put hello.txt "$work/hello.txt"
+put docs/README.md "$ROOT/README.md"
+put data/2024/table.csv "$work/table.csv"
+put data/random-4MiB.bin "$work/random.bin"
+
+say "building s3csi: cargo build --release"
+command -v cargo >/dev/null 2>&1 || die "cargo is not installed (see https://rustup.rs)"
+(cd "$ROOT" && cargo build --release)
+S3CSI="$ROOT/target/release/s3csi"
+
+mkdir -p "$MOUNTPOINT"
+MOUNTPOINT="$(cd "$MOUNTPOINT" && pwd -P)"
+if grep -q " $MOUNTPOINT " /proc/self/mountinfo; then
+    say "$MOUNTPOINT is already mounted: unmounting it first"
+    umount "$MOUNTPOINT" || fusermount3 -u "$MOUNTPOINT"
+fi
+
+say "mounting bucket $BUCKET at $MOUNTPOINT"
+"$S3CSI" mount "$BUCKET" "$MOUNTPOINT" --endpoint-url "$ENDPOINT" --force-path-style --region "$REGION"
+
+say "ls -lR $MOUNTPOINT"
+ls -lR "$MOUNTPOINT"
+say "cat $MOUNTPOINT/hello.txt"
+cat "$MOUNTPOINT/hello.txt"
+
+cat <<DONE
+
+Bucket $BUCKET is mounted at $MOUNTPOINT (read-only for now: writes arrive in the next milestone).
+Unmount with:        umount $MOUNTPOINT
+Stop the S3 server:  kill "\$(cat ${S3CSI_DATA:-/tmp/s3csi-data}.pid)"
+DONE
