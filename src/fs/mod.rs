@@ -772,12 +772,18 @@ impl<S: ObjectStore> S3Fs<S> {
             }
             self.rename_dir(&old_prefix, &new_prefix).await?;
         } else {
-            if let Some(state) = src.open_state() {
-                self.commit(&src, &state).await?;
+            let state = src.open_state();
+            if let Some(state) = &state {
+                self.commit(&src, state).await?;
             }
             let meta = self.head(&src).await?;
             self.copy_any(&ObjectId::from_meta(&meta), meta.size, &new_key_base, None).await?;
             self.store.delete_object(&meta.key).await?;
+            if let Some(state) = &state {
+                // Open handles keep writing under the new name; unchanged bytes now live there.
+                let copied = self.store.head_object(&new_key_base).await?;
+                state.rebase(ObjectId::from_meta(&copied)).await;
+            }
         }
         if let Some(t) = &target {
             self.inodes.unlink_name(newparent, newname);
@@ -1243,5 +1249,20 @@ mod tests {
         fs.rename(ROOT_INO, "a", ROOT_INO, "b", 0).await.unwrap();
         same(&store.data("b").unwrap(), &data);
         assert_eq!(store.parts_copied.load(Ordering::Relaxed), 3);
+    }
+
+    #[tokio::test]
+    async fn rename_while_open_keeps_writing_under_the_new_name() {
+        let store = Arc::new(FakeStore::new("b"));
+        let fs = fs_with(Arc::clone(&store), "", Duration::from_secs(60));
+        let (attr, fh) = fs.create(ROOT_INO, "a", 0o644, libc::O_RDWR).await.unwrap();
+        fs.write(fh, 0, b"hello world").await.unwrap();
+        fs.rename(ROOT_INO, "a", ROOT_INO, "b", 0).await.unwrap();
+        fs.write(fh, 6, b"there").await.unwrap();
+        assert_eq!(fs.read(fh, 0, 100).await.unwrap().concat(), b"hello there");
+        fs.release(fh).await.unwrap();
+        assert_eq!(store.keys(), ["b"]);
+        assert_eq!(&store.data("b").unwrap()[..], b"hello there");
+        assert_eq!(fs.getattr(attr.ino).await.unwrap().size, 11);
     }
 }

@@ -408,6 +408,17 @@ impl OpenState {
         r
     }
 
+    /// Points unchanged ranges at `object`, a copy of the current source under a new key (after
+    /// a rename).
+    pub async fn rebase(&self, object: ObjectId) {
+        let mut f = self.file.lock().await;
+        if let Body::Staged(sg) = &mut f.body
+            && let Some((obj, _, _)) = &mut sg.source
+        {
+            *obj = Arc::new(object);
+        }
+    }
+
     /// Marks metadata changed; it is stored with the next commit.
     pub async fn update_metadata(&self, f: impl FnOnce(&mut UserMetadata)) {
         let mut file = self.file.lock().await;
