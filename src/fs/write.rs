@@ -392,6 +392,7 @@ impl OpenState {
 
     pub async fn truncate<S: ObjectStore>(&self, ctx: &WriteCtx<S>, key: &str, size: u64) -> Result<(), FsError> {
         let mut f = self.file.lock().await;
+        f.metadata.remove(super::META_MTIME);
         if size == f.size && !matches!(f.body, Body::Staged(_)) {
             f.dirty = true;
             return Ok(());
@@ -544,6 +545,8 @@ impl OpenFile {
         data: &[u8],
     ) -> Result<(), FsError> {
         self.dirty = true;
+        // New data: the modification time becomes the commit time, not an earlier utimes value.
+        self.metadata.remove(super::META_MTIME);
         match &mut self.body {
             Body::Streaming(st) => {
                 st.buf.extend_from_slice(data);
