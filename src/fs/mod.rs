@@ -564,12 +564,17 @@ impl<S: ObjectStore> S3Fs<S> {
             if let Some(t) = changes.mtime {
                 stat.mtime = t;
             }
+            let previous = inode.stat();
             inode.set_stat(stat.clone());
             let mut metadata = self.metadata_of(&inode);
             if changes.mtime.is_some() {
                 metadata.insert(META_MTIME.into(), format_time(stat.mtime));
             }
-            self.store_metadata(&inode, metadata).await?;
+            if let Err(e) = self.store_metadata(&inode, metadata).await {
+                inode.set_stat(previous);
+                return Err(e);
+            }
+            inode.set_stat(stat);
         }
         Ok(self.attr(&inode))
     }
@@ -589,7 +594,7 @@ impl<S: ObjectStore> S3Fs<S> {
             self.store.put_object(&key, Bytes::new(), &metadata).await?;
             return Ok(());
         }
-        let meta = self.head(inode).await?;
+        let meta = self.store.head_object(&key).await?;
         self.copy_any(&ObjectId::from_meta(&meta), meta.size, &key, Some(&metadata)).await
     }
 

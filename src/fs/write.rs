@@ -449,11 +449,15 @@ impl OpenState {
         result.map(Some)
     }
 
-    /// Frees local resources (staging file, budget).
+    /// Frees local resources (staging file, budget) of a state nobody writes any more.
+    /// Only a file left dirty (its commit failed) holds any: a committed file's staged data was
+    /// already released, and readers still holding the state keep seeing its content.
     pub async fn discard<S: ObjectStore>(&self, ctx: &WriteCtx<S>) {
         let mut f = self.file.lock().await;
-        f.reset_empty(ctx).await;
-        f.dirty = false;
+        if f.dirty || f.failed.is_some() {
+            f.reset_empty(ctx).await;
+            f.dirty = false;
+        }
     }
 }
 
