@@ -40,6 +40,10 @@ pub const MIN_PART_SIZE: u64 = 5 * MIB;
 /// Parts per size step when streaming: after every 1,000 parts the part size doubles, so a
 /// stream of unknown length never reaches 10,000 parts (8 MiB parts reach ~8 TiB).
 const PARTS_PER_STEP: i32 = 1000;
+/// Background retries of an abort that failed (S3 unreachable): about half an hour in all.
+const ABORT_RETRIES: u32 = 60;
+const ABORT_RETRY_FIRST: std::time::Duration = std::time::Duration::from_secs(1);
+const ABORT_RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(30);
 /// Concurrent part uploads or copies while committing a staged file.
 const COMMIT_CONCURRENCY: usize = 8;
 
@@ -528,11 +532,8 @@ impl Streamer {
     async fn abort<S: ObjectStore>(&mut self, ctx: &WriteCtx<S>, key: &str) {
         self.tasks.abort_all();
         while self.tasks.join_next().await.is_some() {}
-        if let Some(id) = self.upload_id.take()
-            && let Err(e) = ctx.store.abort_multipart_upload(key, &id).await
-        {
-            tracing::warn!(key, upload_id = %id, error = %e, "cannot abort multipart upload; \
-                a bucket lifecycle rule for incomplete uploads will clean it up");
+        if let Some(id) = self.upload_id.take() {
+            abort_upload(ctx, key, id).await;
         }
         self.buf.clear();
         self.done.clear();
@@ -768,10 +769,8 @@ impl OpenFile {
             Ok(parts) => ctx.store.complete_multipart_upload(key, &upload_id, parts).await.map_err(FsError::from),
             Err(e) => Err(e),
         };
-        if result.is_err()
-            && let Err(e) = ctx.store.abort_multipart_upload(key, &upload_id).await
-        {
-            tracing::warn!(key, upload_id, error = %e, "cannot abort multipart upload");
+        if result.is_err() {
+            abort_upload(ctx, key, upload_id).await;
         }
         result
     }
@@ -849,6 +848,35 @@ impl OpenFile {
         parts.sort_by_key(|p| p.number);
         Ok(parts)
     }
+}
+
+/// Aborts an upload; when S3 cannot be reached, keeps retrying in the background so no parts are
+/// left behind once it is back.
+async fn abort_upload<S: ObjectStore>(ctx: &WriteCtx<S>, key: &str, upload_id: String) {
+    let Err(e) = ctx.store.abort_multipart_upload(key, &upload_id).await else { return };
+    tracing::warn!(key, upload_id, error = %e, "cannot abort multipart upload yet; retrying in the background");
+    let store = Arc::clone(&ctx.store);
+    let key = key.to_owned();
+    tokio::spawn(async move {
+        let mut delay = ABORT_RETRY_FIRST;
+        for _ in 0..ABORT_RETRIES {
+            tokio::time::sleep(delay).await;
+            match store.abort_multipart_upload(&key, &upload_id).await {
+                Ok(()) => {
+                    tracing::info!(key, upload_id, "aborted multipart upload");
+                    return;
+                }
+                Err(e) => tracing::debug!(key, upload_id, error = %e, "abort retry failed"),
+            }
+            delay = (delay * 2).min(ABORT_RETRY_MAX);
+        }
+        tracing::error!(
+            key,
+            upload_id,
+            "giving up aborting a multipart upload; its parts stay until a bucket \
+            lifecycle rule for incomplete uploads removes them"
+        );
+    });
 }
 
 fn flatten(
