@@ -18,9 +18,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use common::{
-    Backend, Mount, MountCommand, S3Server, dir_size, free_port, is_fuse_mount, is_mounted, list_dir,
-    processes_with_arg, random_bytes, raw_readdir, read_at_most, sha256, sha256_file, wait_no_daemon, wait_timeout,
-    wait_until,
+    Backend, Mount, MountCommand, S3Server, assert_same_bytes, dir_size, free_port, is_fuse_mount, is_mounted,
+    list_dir, processes_with_arg, random_bytes, raw_readdir, read_at_most, server_for, sha256, sha256_file,
+    wait_no_daemon, wait_timeout, wait_until,
 };
 use rand::{Rng, SeedableRng};
 use test_case::test_case;
@@ -36,22 +36,6 @@ const TTL_SLACK: Duration = Duration::from_millis(700);
 
 fn errno<T>(r: std::io::Result<T>) -> Option<i32> {
     r.err().and_then(|e| e.raw_os_error())
-}
-
-fn server_for(backend: Backend) -> S3Server {
-    match backend {
-        Backend::Faithful => S3Server::start_faithful(),
-        _ => S3Server::start(),
-    }
-}
-
-/// Asserts `got == want` without printing megabytes: names the first differing offset.
-fn assert_same_bytes(got: &[u8], want: &[u8], what: &str) {
-    if got == want {
-        return;
-    }
-    let first = got.iter().zip(want).position(|(a, b)| a != b);
-    panic!("{what}: got {} bytes, want {} bytes; first difference at offset {first:?}", got.len(), want.len());
 }
 
 // --- Reading data ---

@@ -36,8 +36,8 @@ use aws_sdk_s3::config::{
 use aws_sdk_s3::error::DisplayErrorContext;
 use aws_sdk_s3::operation::head_object::HeadObjectOutput;
 use common::{
-    Backend, Mount, MountCommand, S3Server, dir_size, find_program, free_port, list_dir, processes_with_arg,
-    random_bytes, read_at_most, sha256, wait_until,
+    Backend, Mount, MountCommand, S3Server, assert_same_bytes, dir_size, find_program, free_port, list_dir,
+    processes_with_arg, random_bytes, read_at_most, server_for, sha256, wait_until,
 };
 use rand::rngs::StdRng;
 use rand::{Rng, RngCore, SeedableRng};
@@ -49,22 +49,6 @@ const MIB: usize = 1 << 20;
 
 fn errno<T>(r: &std::io::Result<T>) -> Option<i32> {
     r.as_ref().err().and_then(|e| e.raw_os_error())
-}
-
-fn server_for(backend: Backend) -> S3Server {
-    match backend {
-        Backend::Faithful => S3Server::start_faithful(),
-        _ => S3Server::start(),
-    }
-}
-
-/// Asserts `got == want` without printing megabytes: names the first differing offset.
-fn assert_same_bytes(got: &[u8], want: &[u8], what: &str) {
-    if got == want {
-        return;
-    }
-    let first = got.iter().zip(want).position(|(a, b)| a != b);
-    panic!("{what}: got {} bytes, want {} bytes; first difference at offset {first:?}", got.len(), want.len());
 }
 
 /// Closes `f` and returns what `close(2)` returned (the commit result on this filesystem).

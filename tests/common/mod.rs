@@ -1002,3 +1002,20 @@ pub fn find_program(name: &str) -> Option<PathBuf> {
         p.metadata().is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
     })
 }
+
+/// The local server of `backend` (or `S3CSI_TEST_ENDPOINT`).
+pub fn server_for(backend: Backend) -> S3Server {
+    match backend {
+        Backend::Faithful => S3Server::start_faithful(),
+        _ => S3Server::start(),
+    }
+}
+
+/// Asserts `got == want` without printing megabytes: names the first differing offset.
+pub fn assert_same_bytes(got: &[u8], want: &[u8], what: &str) {
+    if got == want {
+        return;
+    }
+    let first = got.iter().zip(want).position(|(a, b)| a != b);
+    panic!("{what}: got {} bytes, want {} bytes; first difference at offset {first:?}", got.len(), want.len());
+}
