@@ -11,6 +11,11 @@
 //!   under a prefix leaves the on-disk directory behind; there is no ListMultipartUploads (pending
 //!   uploads are `.upload-<id>.json` files in its root, which the failure test reads directly);
 //!   HEAD ignores `partNumber`, so multipart part counts come from the `-N` ETag suffix.
+//! - moto 5.2 answers CompleteMultipartUpload with a `CompleteMultipartUploadResponse` root
+//!   element that the Rust SDK rejects, so nothing that commits a multipart upload runs on moto.
+//! - Tests that check what is *not* committed yet run in their own process ([`isolated`]): a
+//!   fork + exec in another test thread closes copies of this test's descriptors, and every
+//!   close sends FUSE FLUSH, which commits.
 //! - The randomized test prints its seed; `S3CSI_TEST_SEED` replays a run and `S3CSI_TEST_STEPS`
 //!   changes its length.
 
