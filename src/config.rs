@@ -142,13 +142,33 @@ impl FromStr for Mode {
     }
 }
 
-/// Where and how to reach S3. Credentials are never stored here: they come from the AWS chain.
+/// Where and how to reach S3. Credentials normally come from the AWS chain; the CSI controller
+/// sets `credentials` from a volume's Secret.
 #[derive(Debug, Clone, Default)]
 pub struct S3Config {
     pub endpoint_url: Option<String>,
     pub region: Option<String>,
     pub force_path_style: bool,
     pub ca_bundle: Option<PathBuf>,
+    pub credentials: Option<StaticCredentials>,
+}
+
+/// An access key pair (and optional session token) given explicitly. `Debug` hides the secret.
+#[derive(Clone, PartialEq, Eq)]
+pub struct StaticCredentials {
+    pub access_key_id: String,
+    pub secret_access_key: String,
+    pub session_token: Option<String>,
+}
+
+impl fmt::Debug for StaticCredentials {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("StaticCredentials")
+            .field("access_key_id", &self.access_key_id)
+            .field("secret_access_key", &"<redacted>")
+            .field("session_token", &self.session_token.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
 }
 
 /// Ownership and permission bits reported for every inode.

@@ -1,11 +1,15 @@
-//! s3csi: a FUSE filesystem over S3 with a block cache, and (soon) a Kubernetes CSI driver.
+//! s3csi: a FUSE filesystem over S3 with a block cache, and a Kubernetes CSI driver.
 //!
-//! Modules: [`config`] (validated settings), [`s3`] (the object store trait and its AWS
-//! implementation), [`cache`] (the two-tier block cache), [`fs`] (the filesystem core and its
-//! FUSE adapter) and [`daemon`] (running a mount: checks, detaching, readiness, signals).
+//! Modules: [`config`] (validated settings), [`s3`] (the object store trait, its AWS
+//! implementation and bucket administration), [`cache`] (the two-tier block cache), [`fs`] (the
+//! filesystem core and its FUSE adapter), [`daemon`] (running a mount: checks, detaching,
+//! readiness, signals), [`mount`] (bind mounts and the per-volume mount processes) and [`csi`]
+//! (the CSI gRPC services).
 
 pub mod cache;
 pub mod config;
+pub mod csi;
 pub mod daemon;
 pub mod fs;
+pub mod mount;
 pub mod s3;

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use s3csi::config::{BucketName, ByteSize, CacheConfig, FsConfig, Mode, MountConfig, Ownership, Prefix, S3Config};
+use s3csi::csi::{CsiConfig, ServiceMode};
 use s3csi::daemon;
 use s3csi::fs::write::WriteConfig;
 use tracing_subscriber::EnvFilter;
@@ -26,6 +27,36 @@ struct Cli {
 enum Command {
     /// Mount a bucket (or a prefix of it) at a directory.
     Mount(MountArgs),
+    /// Serve the CSI Identity, Controller and Node services on a Unix socket.
+    Csi(CsiArgs),
+}
+
+#[derive(Args, Debug)]
+struct CsiArgs {
+    /// Socket to serve on.
+    #[arg(long, value_name = "URL", default_value = "unix:///csi/csi.sock")]
+    csi_endpoint: String,
+    /// This node's id, as reported by NodeGetInfo (the Kubernetes node name).
+    #[arg(long, value_name = "ID")]
+    node_id: String,
+    /// Which services to serve: controller and node in one process, or one of them.
+    #[arg(long, value_enum, default_value = "all")]
+    mode: ServiceMode,
+    /// CSI driver name (must match the CSIDriver object and StorageClass provisioner).
+    #[arg(long, value_name = "NAME", default_value = s3csi::csi::volume::DEFAULT_DRIVER_NAME)]
+    driver_name: String,
+    /// Default S3 endpoint (default: AWS_ENDPOINT_URL or AWS S3); a volume's Secret may override it.
+    #[arg(long, value_name = "URL")]
+    endpoint_url: Option<String>,
+    /// Default region (default: AWS_REGION, the profile, or us-east-1).
+    #[arg(long, value_name = "R")]
+    region: Option<String>,
+    /// Use path-style addressing; most S3-compatible servers need it.
+    #[arg(long)]
+    force_path_style: bool,
+    /// Where the node records staged volumes (keep it on the host so it survives restarts).
+    #[arg(long, value_name = "DIR", default_value = "/var/lib/s3csi")]
+    state_dir: PathBuf,
 }
 
 #[derive(Args, Debug)]
@@ -122,6 +153,7 @@ impl MountArgs {
                 region: self.region,
                 force_path_style: self.force_path_style,
                 ca_bundle: self.ca_bundle,
+                credentials: None,
             },
             fs: FsConfig {
                 prefix: self.prefix.unwrap_or_default(),
@@ -154,7 +186,13 @@ impl MountArgs {
 
 fn init_tracing() {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn,s3csi=info"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
+    use std::io::IsTerminal;
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_target(false)
+        .init();
 }
 
 fn main() -> ExitCode {
@@ -162,6 +200,7 @@ fn main() -> ExitCode {
     init_tracing();
     let result = match cli.command {
         Command::Mount(args) => run_mount(args),
+        Command::Csi(args) => run_csi(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -182,4 +221,56 @@ fn run_mount(args: MountArgs) -> anyhow::Result<()> {
     daemon::check_mountpoint(&config.mountpoint)?;
     let args: Vec<_> = std::env::args_os().skip(1).collect();
     daemon::spawn_background(args)
+}
+
+fn run_csi(args: CsiArgs) -> anyhow::Result<()> {
+    use anyhow::Context;
+    if args.node_id.trim().is_empty() {
+        anyhow::bail!("--node-id must not be empty");
+    }
+    if !valid_driver_name(&args.driver_name) {
+        anyhow::bail!(
+            "invalid --driver-name {:?}: use at most 63 lowercase letters, digits, '-' and '.', \
+             starting and ending with a letter or digit (e.g. s3.csi.example.com)",
+            args.driver_name
+        );
+    }
+    let config = CsiConfig {
+        socket: s3csi::csi::socket_path(&args.csi_endpoint).map_err(anyhow::Error::msg)?,
+        node_id: args.node_id,
+        mode: args.mode,
+        driver_name: args.driver_name,
+        s3: S3Config {
+            endpoint_url: args.endpoint_url,
+            region: args.region,
+            force_path_style: args.force_path_style,
+            ca_bundle: None,
+            credentials: None,
+        },
+        state_dir: args.state_dir,
+        mount_exe: std::env::current_exe().context("cannot find the s3csi executable")?,
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("s3csi-csi")
+        .build()
+        .context("cannot start the async runtime")?;
+    rt.block_on(s3csi::csi::serve(config, async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler can be installed");
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM received; stopping (mounts keep running)"),
+            _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received; stopping (mounts keep running)"),
+        }
+    }))
+}
+
+/// CSI driver names: a DNS-style name of at most 63 characters.
+fn valid_driver_name(name: &str) -> bool {
+    let b = name.as_bytes();
+    !b.is_empty()
+        && b.len() <= 63
+        && b.iter().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-' || *c == b'.')
+        && b[0].is_ascii_alphanumeric()
+        && b[b.len() - 1].is_ascii_alphanumeric()
 }

@@ -128,9 +128,18 @@ pub struct S3Fs<S> {
     copy_object_max: u64,
 }
 
+/// Name of the marker object the CSI controller writes at the root of each volume it creates
+/// (see `csi::volume`). It is hidden from every listing and cannot be looked up or created.
+pub const RESERVED_NAME: &str = ".s3csi-volume";
+
 /// Whether `name` can be a file name; keys whose segment fails this are not shown.
 pub fn valid_name(name: &str) -> bool {
-    !name.is_empty() && name != "." && name != ".." && name.len() <= NAME_MAX && !name.contains(['/', '\0'])
+    !name.is_empty()
+        && name != "."
+        && name != ".."
+        && name != RESERVED_NAME
+        && name.len() <= NAME_MAX
+        && !name.contains(['/', '\0'])
 }
 
 fn stat_from_meta(meta: &ObjectMeta) -> Stat {
@@ -248,7 +257,9 @@ impl<S: ObjectStore> S3Fs<S> {
             return Err(FsError::NameTooLong);
         }
         if !valid_name(name) {
-            return Err(FsError::Invalid("names must not be empty, '.', '..' or contain '/'"));
+            return Err(FsError::Invalid(
+                "names must not be empty, '.', '..', the reserved .s3csi-volume, or contain '/'",
+            ));
         }
         let key = format!("{}{name}/", self.inodes.key(dir));
         if key.len() > KEY_MAX {

@@ -69,6 +69,15 @@ pub async fn build_client(cfg: &S3Config) -> Result<Client, S3ClientError> {
     if let Some(url) = &cfg.endpoint_url {
         loader = loader.endpoint_url(url);
     }
+    if let Some(c) = &cfg.credentials {
+        loader = loader.credentials_provider(aws_sdk_s3::config::Credentials::new(
+            &c.access_key_id,
+            &c.secret_access_key,
+            c.session_token.clone(),
+            None,
+            "s3csi-secret",
+        ));
+    }
     let sdk = loader.load().await;
     check_credentials(&sdk).await?;
     let s3cfg = aws_sdk_s3::config::Builder::from(&sdk)

@@ -4,6 +4,7 @@
 //! S3-compatible server ([`aws::AwsStore`]) or the in-memory [`fake::FakeStore`] used by unit tests.
 //! Every error is an [`S3Error`] variant; callers branch on the variant, never on message text.
 
+pub mod admin;
 pub mod aws;
 pub mod fake;
 

@@ -1,0 +1,547 @@
+//! The Node service: one `s3csi mount` process per staged volume at the staging path, and a
+//! bind mount of it into each pod's target path (read-only when asked).
+//!
+//! Every call is idempotent and safe to retry: a repeat with the same arguments succeeds, a
+//! dead FUSE mount found in the way is detached and mounted again, and unpublish or unstage of
+//! something already gone succeeds. What was staged is recorded in the state directory, so a
+//! restarted server can tear down volumes staged by its predecessor; their FUSE processes keep
+//! serving in the meantime.
+
+use std::collections::HashMap;
+use std::ffi::CString;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status};
+
+use super::controller::check_capability;
+use super::proto::{
+    NodeExpandVolumeRequest, NodeExpandVolumeResponse, NodeGetCapabilitiesRequest, NodeGetCapabilitiesResponse,
+    NodeGetInfoRequest, NodeGetInfoResponse, NodeGetVolumeStatsRequest, NodeGetVolumeStatsResponse,
+    NodePublishVolumeRequest, NodePublishVolumeResponse, NodeServiceCapability, NodeStageVolumeRequest,
+    NodeStageVolumeResponse, NodeUnpublishVolumeRequest, NodeUnpublishVolumeResponse, NodeUnstageVolumeRequest,
+    NodeUnstageVolumeResponse, VolumeCapability, VolumeUsage, node_server::Node, node_service_capability,
+    volume_capability, volume_usage,
+};
+use super::state::{StagedVolume, StateDir, TargetRecord};
+use super::volume::{MountOptions, VolumeId};
+use super::{CsiConfig, CsiError, KeyLocks, Secrets, rpc};
+use crate::config::S3Config;
+use crate::mount::supervisor::{MountSpec, MountSupervisor, SpawnError, is_mount_process};
+use crate::mount::{MountState, Mounter, SystemMounter};
+
+/// The filesystem type our FUSE mounts show in mountinfo.
+const FUSE_FSTYPE: &str = "fuse.s3csi";
+
+pub struct NodeService {
+    node_id: String,
+    base: S3Config,
+    state: StateDir,
+    mounter: Arc<dyn Mounter>,
+    supervisor: MountSupervisor,
+    locks: KeyLocks,
+}
+
+fn required<'a>(value: &'a str, name: &str) -> Result<&'a str, CsiError> {
+    if value.is_empty() { Err(CsiError::InvalidArgument(format!("{name} is required"))) } else { Ok(value) }
+}
+
+fn internal(what: impl std::fmt::Display) -> CsiError {
+    CsiError::Internal(what.to_string())
+}
+
+/// Whether the access mode only allows reading.
+fn reader_only(cap: &VolumeCapability) -> bool {
+    use volume_capability::access_mode::Mode;
+    cap.access_mode
+        .as_ref()
+        .and_then(|m| Mode::try_from(m.mode).ok())
+        .is_some_and(|m| matches!(m, Mode::SingleNodeReaderOnly | Mode::MultiNodeReaderOnly))
+}
+
+fn mount_parts(cap: &VolumeCapability) -> (&[String], Option<&str>) {
+    match &cap.access_type {
+        Some(volume_capability::AccessType::Mount(m)) => (&m.mount_flags, Some(m.volume_mount_group.as_str())),
+        _ => (&[], None),
+    }
+}
+
+/// Creates `path` as a directory if missing; returns whether it was created.
+fn ensure_dir(path: &Path) -> Result<bool, CsiError> {
+    match std::fs::metadata(path) {
+        Ok(m) if m.is_dir() => Ok(false),
+        Ok(_) => Err(CsiError::FailedPrecondition(format!("{} exists and is not a directory", path.display()))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::create_dir_all(path).map_err(|e| internal(format!("cannot create {}: {e}", path.display())))?;
+            Ok(true)
+        }
+        // A dead mount is dealt with by the caller before this.
+        Err(e) => Err(internal(format!("cannot access {}: {e}", path.display()))),
+    }
+}
+
+/// Removes an empty directory; anything else is left alone with a warning.
+fn remove_dir(path: &Path) {
+    match std::fs::remove_dir(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => tracing::warn!(path = %path.display(), error = %e, "cannot remove directory; leaving it"),
+    }
+}
+
+/// Finds the pid of the `s3csi mount` process serving `mountpoint`, if any.
+fn find_mount_process(mountpoint: &Path) -> u32 {
+    let Ok(dir) = std::fs::read_dir("/proc") else { return 0 };
+    dir.flatten()
+        .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()))
+        .find(|pid| is_mount_process(*pid, mountpoint))
+        .unwrap_or(0)
+}
+
+impl NodeService {
+    pub fn new(config: &CsiConfig) -> std::io::Result<Self> {
+        let state = StateDir::open(&config.state_dir)?;
+        let node = NodeService {
+            node_id: config.node_id.clone(),
+            base: config.s3.clone(),
+            state,
+            mounter: Arc::new(SystemMounter),
+            supervisor: MountSupervisor::new(config.mount_exe.clone()),
+            locks: KeyLocks::default(),
+        };
+        node.report_recovered();
+        Ok(node)
+    }
+
+    /// Logs what an earlier instance left staged; nothing is changed until the CO asks.
+    fn report_recovered(&self) {
+        for v in self.state.all() {
+            let mount = self.mounter.state(&v.staging_path);
+            let process = v.pid != 0 && is_mount_process(v.pid, &v.staging_path);
+            tracing::info!(
+                volume = %v.volume_id,
+                staging = %v.staging_path.display(),
+                mount = ?mount,
+                process_alive = process,
+                targets = v.targets.len(),
+                "found a volume staged by an earlier instance"
+            );
+        }
+    }
+
+    /// Detaches a dead mount at `path` so it can be mounted again.
+    fn clear_dead(&self, path: &Path) -> Result<(), CsiError> {
+        tracing::warn!(path = %path.display(), "found a dead mount (transport endpoint is not connected); detaching it");
+        self.mounter.unmount(path).map_err(internal)
+    }
+
+    /// The `s3csi mount` command line and environment for a volume.
+    fn mount_spec(
+        &self,
+        id: &VolumeId,
+        staging: &Path,
+        options: &MountOptions,
+        secrets: &Secrets,
+    ) -> Result<MountSpec, CsiError> {
+        let vs = secrets.volume_s3()?;
+        let s3 = vs.apply(&self.base);
+        let stem = id.file_stem();
+        let mut args = vec!["mount".to_owned(), id.bucket.clone(), staging.display().to_string()];
+        args.extend(options.mount_args(&id.prefix));
+        if let Some(url) = &s3.endpoint_url {
+            args.push(format!("--endpoint-url={url}"));
+        }
+        if let Some(region) = &s3.region {
+            args.push(format!("--region={region}"));
+        }
+        if s3.force_path_style {
+            args.push("--force-path-style".to_owned());
+        }
+        if let Some(pem) = &vs.ca_pem {
+            let path = self.state.ca_file(&stem);
+            std::fs::write(&path, pem).map_err(|e| internal(format!("cannot write {}: {e}", path.display())))?;
+            args.push(format!("--ca-bundle={}", path.display()));
+        } else if let Some(path) = &s3.ca_bundle {
+            args.push(format!("--ca-bundle={}", path.display()));
+        }
+        if options.disk_cache() {
+            args.push(format!("--cache-dir={}", self.state.cache_dir(&stem).display()));
+        }
+        args.push(format!("--log-file={}", self.state.log_file(&stem).display()));
+        let mut env = HashMap::new();
+        let mut env_remove = Vec::new();
+        if let Some(c) = &vs.credentials {
+            env.insert("AWS_ACCESS_KEY_ID".to_owned(), c.access_key_id.clone());
+            env.insert("AWS_SECRET_ACCESS_KEY".to_owned(), c.secret_access_key.clone());
+            match &c.session_token {
+                Some(t) => {
+                    env.insert("AWS_SESSION_TOKEN".to_owned(), t.clone());
+                }
+                None => env_remove.push("AWS_SESSION_TOKEN".to_owned()),
+            }
+        }
+        Ok(MountSpec { args, env, env_remove })
+    }
+
+    async fn stage(&self, req: NodeStageVolumeRequest) -> Result<NodeStageVolumeResponse, CsiError> {
+        required(&req.volume_id, "volume_id")?;
+        required(&req.staging_target_path, "staging_target_path")?;
+        let cap = req
+            .volume_capability
+            .as_ref()
+            .ok_or_else(|| CsiError::InvalidArgument("volume_capability is required".into()))?;
+        check_capability(cap)?;
+        let id: VolumeId = req.volume_id.parse().map_err(CsiError::NotFound)?;
+        let (flags, group) = mount_parts(cap);
+        let mut options = MountOptions::build(&req.volume_context, flags, group).map_err(CsiError::InvalidArgument)?;
+        options.read_only |= reader_only(cap);
+        let staging = PathBuf::from(&req.staging_target_path);
+        let secrets = Secrets::new(req.secrets);
+        let spec = self.mount_spec(&id, &staging, &options, &secrets)?;
+        let stem = id.file_stem();
+        let _guard = self.locks.lock(&req.volume_id).await;
+
+        if let Some(old) = self.state.load(&stem).map_err(internal)? {
+            if old.staging_path != staging {
+                return Err(CsiError::FailedPrecondition(format!(
+                    "volume {id} is already staged at {} on this node",
+                    old.staging_path.display()
+                )));
+            }
+            match self.mounter.state(&staging) {
+                MountState::Healthy { .. } if old.mount_args == spec.args => return Ok(NodeStageVolumeResponse {}),
+                MountState::Healthy { .. } => {
+                    return Err(CsiError::AlreadyExists(format!(
+                        "volume {id} is already staged at {} with different options",
+                        staging.display()
+                    )));
+                }
+                MountState::Dead => self.clear_dead(&staging)?,
+                MountState::NotMounted => {}
+            }
+            if old.pid != 0 {
+                let (sup, pid, path) = (self.supervisor.clone(), old.pid, staging.clone());
+                let _ = tokio::task::spawn_blocking(move || sup.stop(pid, &path)).await;
+            }
+        } else {
+            match self.mounter.state(&staging) {
+                MountState::Healthy { source, fstype }
+                    if fstype == FUSE_FSTYPE && source == format!("s3csi:{}", id.bucket) =>
+                {
+                    // Staged by an instance whose state was lost: adopt the live mount.
+                    let pid = find_mount_process(&staging);
+                    tracing::warn!(volume = %id, pid, "adopting a live mount that has no state record");
+                    let v = StagedVolume {
+                        volume_id: req.volume_id.clone(),
+                        staging_path: staging.clone(),
+                        pid,
+                        mount_args: spec.args.clone(),
+                        created_staging_dir: false,
+                        targets: Default::default(),
+                    };
+                    self.state.save(&stem, &v).map_err(internal)?;
+                    return Ok(NodeStageVolumeResponse {});
+                }
+                MountState::Healthy { source, fstype } => {
+                    return Err(CsiError::AlreadyExists(format!(
+                        "staging path {} already has a {fstype} mount of {source}",
+                        staging.display()
+                    )));
+                }
+                MountState::Dead => self.clear_dead(&staging)?,
+                MountState::NotMounted => {}
+            }
+        }
+
+        let created = ensure_dir(&staging)?;
+        let (sup, volume, spawn_spec) = (self.supervisor.clone(), id.to_string(), spec.clone());
+        let started = tokio::task::spawn_blocking(move || sup.start(&volume, &spawn_spec))
+            .await
+            .map_err(|e| internal(format!("mount task failed: {e}")))?;
+        let pid = match started {
+            Ok(pid) => pid,
+            Err(e) => {
+                if created {
+                    remove_dir(&staging);
+                }
+                return Err(match e {
+                    SpawnError::Exec { .. } => internal(e),
+                    SpawnError::Failed { message } => internal(format!("cannot mount volume {id}: {message}")),
+                });
+            }
+        };
+        let v = StagedVolume {
+            volume_id: req.volume_id.clone(),
+            staging_path: staging.clone(),
+            pid,
+            mount_args: spec.args,
+            created_staging_dir: created,
+            targets: Default::default(),
+        };
+        if let Err(e) = self.state.save(&stem, &v) {
+            let _ = self.mounter.unmount(&staging);
+            return Err(internal(format!("cannot record the staged volume in {}: {e}", self.state.root().display())));
+        }
+        tracing::info!(volume = %id, staging = %staging.display(), pid, "volume staged");
+        Ok(NodeStageVolumeResponse {})
+    }
+
+    async fn unstage(&self, req: NodeUnstageVolumeRequest) -> Result<NodeUnstageVolumeResponse, CsiError> {
+        required(&req.volume_id, "volume_id")?;
+        required(&req.staging_target_path, "staging_target_path")?;
+        let staging = PathBuf::from(&req.staging_target_path);
+        let stem = req.volume_id.parse::<VolumeId>().map(|id| id.file_stem()).ok();
+        let _guard = self.locks.lock(&req.volume_id).await;
+        let record = match &stem {
+            Some(stem) => self.state.load(stem).map_err(internal)?.filter(|v| v.staging_path == staging),
+            None => None,
+        };
+        if let Some(v) = &record {
+            for target in v.targets.keys() {
+                if self.mounter.state(target) != MountState::NotMounted {
+                    return Err(CsiError::FailedPrecondition(format!(
+                        "volume {} is still published at {}; unpublish it first",
+                        req.volume_id,
+                        target.display()
+                    )));
+                }
+            }
+        }
+        match self.mounter.state(&staging) {
+            MountState::NotMounted => {}
+            MountState::Healthy { fstype, source } if record.is_none() && fstype != FUSE_FSTYPE => {
+                tracing::warn!(staging = %staging.display(), fstype, source, "not our mount; left alone");
+            }
+            _ => self.mounter.unmount(&staging).map_err(internal)?,
+        }
+        let Some(v) = record else { return Ok(NodeUnstageVolumeResponse {}) };
+        let pid = if v.pid != 0 { v.pid } else { find_mount_process(&staging) };
+        if pid != 0 {
+            let (sup, path) = (self.supervisor.clone(), staging.clone());
+            let _ = tokio::task::spawn_blocking(move || sup.stop(pid, &path)).await;
+        }
+        if v.created_staging_dir {
+            remove_dir(&staging);
+        }
+        if let Some(stem) = stem {
+            self.state.remove(&stem).map_err(internal)?;
+        }
+        tracing::info!(volume = %req.volume_id, staging = %staging.display(), "volume unstaged");
+        Ok(NodeUnstageVolumeResponse {})
+    }
+
+    async fn publish(&self, req: NodePublishVolumeRequest) -> Result<NodePublishVolumeResponse, CsiError> {
+        required(&req.volume_id, "volume_id")?;
+        required(&req.target_path, "target_path")?;
+        let cap = req
+            .volume_capability
+            .as_ref()
+            .ok_or_else(|| CsiError::InvalidArgument("volume_capability is required".into()))?;
+        if req.staging_target_path.is_empty() {
+            return Err(CsiError::FailedPrecondition(
+                "staging_target_path is required: volumes must be staged (NodeStageVolume) before publishing".into(),
+            ));
+        }
+        check_capability(cap)?;
+        let id: VolumeId = req.volume_id.parse().map_err(CsiError::NotFound)?;
+        let stem = id.file_stem();
+        let target = PathBuf::from(&req.target_path);
+        let staging = PathBuf::from(&req.staging_target_path);
+        let read_only = req.readonly || reader_only(cap);
+        let _guard = self.locks.lock(&req.volume_id).await;
+        let Some(mut v) = self.state.load(&stem).map_err(internal)?.filter(|v| v.staging_path == staging) else {
+            return Err(CsiError::FailedPrecondition(format!(
+                "volume {id} is not staged at {} on this node; NodeStageVolume must come first",
+                staging.display()
+            )));
+        };
+        if !matches!(self.mounter.state(&staging), MountState::Healthy { .. }) {
+            return Err(CsiError::FailedPrecondition(format!(
+                "the staging mount of volume {id} at {} is gone (its mount process died; see {}); \
+                 unstage and stage the volume again",
+                staging.display(),
+                self.state.log_file(&stem).display()
+            )));
+        }
+        match self.mounter.state(&target) {
+            MountState::Healthy { .. } => {
+                return match v.targets.get(&target) {
+                    Some(t) if t.read_only == read_only => Ok(NodePublishVolumeResponse {}),
+                    Some(_) => Err(CsiError::AlreadyExists(format!(
+                        "volume {id} is already published at {} with a different read-only setting",
+                        target.display()
+                    ))),
+                    None => Err(CsiError::AlreadyExists(format!(
+                        "target path {} already has something else mounted",
+                        target.display()
+                    ))),
+                };
+            }
+            MountState::Dead => self.clear_dead(&target)?,
+            MountState::NotMounted => {}
+        }
+        let created = ensure_dir(&target)?;
+        if let Err(e) = self.mounter.bind(&staging, &target, read_only) {
+            if created {
+                remove_dir(&target);
+            }
+            return Err(internal(e));
+        }
+        let created = created || v.targets.get(&target).is_some_and(|t| t.created);
+        v.targets.insert(target.clone(), TargetRecord { read_only, created });
+        if let Err(e) = self.state.save(&stem, &v) {
+            let _ = self.mounter.unmount(&target);
+            return Err(internal(format!("cannot record the published volume: {e}")));
+        }
+        tracing::info!(volume = %id, target = %target.display(), read_only, "volume published");
+        Ok(NodePublishVolumeResponse {})
+    }
+
+    async fn unpublish(&self, req: NodeUnpublishVolumeRequest) -> Result<NodeUnpublishVolumeResponse, CsiError> {
+        required(&req.volume_id, "volume_id")?;
+        required(&req.target_path, "target_path")?;
+        let target = PathBuf::from(&req.target_path);
+        let stem = req.volume_id.parse::<VolumeId>().map(|id| id.file_stem()).ok();
+        let _guard = self.locks.lock(&req.volume_id).await;
+        if self.mounter.state(&target) != MountState::NotMounted {
+            self.mounter.unmount(&target).map_err(internal)?;
+        }
+        remove_dir(&target);
+        if let Some(stem) = stem
+            && let Some(mut v) = self.state.load(&stem).map_err(internal)?
+            && v.targets.remove(&target).is_some()
+        {
+            self.state.save(&stem, &v).map_err(internal)?;
+        }
+        Ok(NodeUnpublishVolumeResponse {})
+    }
+
+    fn stats(&self, req: NodeGetVolumeStatsRequest) -> Result<NodeGetVolumeStatsResponse, CsiError> {
+        required(&req.volume_id, "volume_id")?;
+        required(&req.volume_path, "volume_path")?;
+        let path = PathBuf::from(&req.volume_path);
+        let not_ours =
+            || CsiError::NotFound(format!("{} is not a path of volume {} on this node", path.display(), req.volume_id));
+        let id: VolumeId = req.volume_id.parse().map_err(|_| not_ours())?;
+        let v = self.state.load(&id.file_stem()).map_err(internal)?.ok_or_else(not_ours)?;
+        if v.staging_path != path && !v.targets.contains_key(&path) {
+            return Err(not_ours());
+        }
+        let c = CString::new(path.as_os_str().as_bytes()).map_err(|_| not_ours())?;
+        // SAFETY: statvfs writes only into the zeroed struct we pass; the path is NUL-terminated.
+        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+        if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+            let e = std::io::Error::last_os_error();
+            return Err(match e.kind() {
+                std::io::ErrorKind::NotFound => not_ours(),
+                _ => internal(format!("cannot stat {}: {e}", path.display())),
+            });
+        }
+        let bytes = |blocks: u64| i64::try_from(blocks.saturating_mul(st.f_frsize)).unwrap_or(i64::MAX);
+        let count = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+        Ok(NodeGetVolumeStatsResponse {
+            usage: vec![
+                VolumeUsage {
+                    available: bytes(st.f_bavail),
+                    total: bytes(st.f_blocks),
+                    used: bytes(st.f_blocks.saturating_sub(st.f_bfree)),
+                    unit: volume_usage::Unit::Bytes as i32,
+                },
+                VolumeUsage {
+                    available: count(st.f_favail),
+                    total: count(st.f_files),
+                    used: count(st.f_files.saturating_sub(st.f_ffree)),
+                    unit: volume_usage::Unit::Inodes as i32,
+                },
+            ],
+            volume_condition: None,
+        })
+    }
+}
+
+fn node_capability(t: node_service_capability::rpc::Type) -> NodeServiceCapability {
+    NodeServiceCapability {
+        r#type: Some(node_service_capability::Type::Rpc(node_service_capability::Rpc { r#type: t as i32 })),
+    }
+}
+
+#[tonic::async_trait]
+impl Node for NodeService {
+    async fn node_stage_volume(
+        &self,
+        request: Request<NodeStageVolumeRequest>,
+    ) -> Result<Response<NodeStageVolumeResponse>, Status> {
+        let req = request.into_inner();
+        let id = req.volume_id.clone();
+        rpc("NodeStageVolume", &id, self.stage(req)).await
+    }
+
+    async fn node_unstage_volume(
+        &self,
+        request: Request<NodeUnstageVolumeRequest>,
+    ) -> Result<Response<NodeUnstageVolumeResponse>, Status> {
+        let req = request.into_inner();
+        let id = req.volume_id.clone();
+        rpc("NodeUnstageVolume", &id, self.unstage(req)).await
+    }
+
+    async fn node_publish_volume(
+        &self,
+        request: Request<NodePublishVolumeRequest>,
+    ) -> Result<Response<NodePublishVolumeResponse>, Status> {
+        let req = request.into_inner();
+        let id = req.volume_id.clone();
+        rpc("NodePublishVolume", &id, self.publish(req)).await
+    }
+
+    async fn node_unpublish_volume(
+        &self,
+        request: Request<NodeUnpublishVolumeRequest>,
+    ) -> Result<Response<NodeUnpublishVolumeResponse>, Status> {
+        let req = request.into_inner();
+        let id = req.volume_id.clone();
+        rpc("NodeUnpublishVolume", &id, self.unpublish(req)).await
+    }
+
+    async fn node_get_volume_stats(
+        &self,
+        request: Request<NodeGetVolumeStatsRequest>,
+    ) -> Result<Response<NodeGetVolumeStatsResponse>, Status> {
+        let req = request.into_inner();
+        let id = req.volume_id.clone();
+        rpc("NodeGetVolumeStats", &id, async move { self.stats(req) }).await
+    }
+
+    async fn node_expand_volume(
+        &self,
+        _request: Request<NodeExpandVolumeRequest>,
+    ) -> Result<Response<NodeExpandVolumeResponse>, Status> {
+        Err(Status::unimplemented("NodeExpandVolume is not needed: S3 volumes have no size to grow on the node"))
+    }
+
+    async fn node_get_capabilities(
+        &self,
+        _request: Request<NodeGetCapabilitiesRequest>,
+    ) -> Result<Response<NodeGetCapabilitiesResponse>, Status> {
+        use node_service_capability::rpc::Type;
+        Ok(Response::new(NodeGetCapabilitiesResponse {
+            capabilities: vec![
+                node_capability(Type::StageUnstageVolume),
+                node_capability(Type::GetVolumeStats),
+                node_capability(Type::VolumeMountGroup),
+            ],
+        }))
+    }
+
+    async fn node_get_info(
+        &self,
+        _request: Request<NodeGetInfoRequest>,
+    ) -> Result<Response<NodeGetInfoResponse>, Status> {
+        Ok(Response::new(NodeGetInfoResponse {
+            node_id: self.node_id.clone(),
+            max_volumes_per_node: 0,
+            accessible_topology: None,
+        }))
+    }
+}
