@@ -686,3 +686,17 @@ fn list_volumes_pages_with_tokens() {
     let node = d.rt.block_on(d.node().node_get_info(NodeGetInfoRequest {})).unwrap().into_inner();
     assert_eq!(node.node_id, "test-node");
 }
+
+#[test]
+fn an_unreachable_s3_endpoint_is_unavailable_and_named() {
+    let server = S3Server::start();
+    let d = Driver::start(&server, Creds::Env);
+    let port = common::free_port();
+    let secrets = HashMap::from([("endpoint".to_owned(), format!("http://127.0.0.1:{port}"))]);
+    let err = d.create("pvc-unreachable", &[], &secrets).unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert!(err.message().contains("pvc-unreachable-"), "names the bucket: {}", err.message());
+    let err = d.delete("some-bucket", &secrets).unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert!(err.message().contains("some-bucket"), "{}", err.message());
+}
