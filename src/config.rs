@@ -210,6 +210,8 @@ pub struct MountConfig {
     pub foreground: bool,
     /// Where a background mount writes its log once detached (otherwise discarded).
     pub log_file: Option<PathBuf>,
+    /// Where to serve Prometheus metrics (off when `None`).
+    pub metrics_address: Option<crate::metrics::MetricsAddress>,
 }
 
 #[cfg(test)]

@@ -129,6 +129,12 @@ pub fn run_foreground(config: MountConfig, notify_ready: bool) -> anyhow::Result
         .thread_name("s3csi-worker")
         .build()
         .context("cannot start the async runtime")?;
+    let volume = format!("{}/{}", config.bucket, config.fs.prefix);
+    let metrics = crate::metrics::init(Some(volume.trim_end_matches('/').to_owned()));
+    if let Some(addr) = &config.metrics_address {
+        rt.block_on(crate::metrics::serve(addr, None))
+            .map_err(|e| anyhow::anyhow!("cannot serve metrics on {addr:?}: {e}"))?;
+    }
     let store = rt.block_on(async {
         let client = build_client(&config.s3).await?;
         let store = AwsStore::new(client, config.bucket.as_str());
@@ -145,6 +151,8 @@ pub fn run_foreground(config: MountConfig, notify_ready: bool) -> anyhow::Result
         None => None,
     };
     let cache = Arc::new(BlockCache::new(config.cache.memory_bytes, disk));
+    let watched = Arc::clone(&cache);
+    metrics.add_refresher(move |m| watched.export(m));
     let fs = S3Fs::new(Arc::new(store), cache, config.fs.clone()).map_err(|e| {
         anyhow::anyhow!("cannot prepare the staging directory {}: {e}", config.fs.write.staging_dir.display())
     })?;

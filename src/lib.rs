@@ -3,7 +3,7 @@
 //! Modules: [`config`] (validated settings), [`s3`] (the object store trait, its AWS
 //! implementation and bucket administration), [`cache`] (the two-tier block cache), [`fs`] (the
 //! filesystem core and its FUSE adapter), [`daemon`] (running a mount: checks, detaching,
-//! readiness, signals), [`mount`] (bind mounts and the per-volume mount processes) and [`csi`]
+//! readiness, signals), [`metrics`] (Prometheus metrics), [`mount`] (bind mounts and the per-volume mount processes) and [`csi`]
 //! (the CSI gRPC services).
 
 pub mod cache;
@@ -11,5 +11,6 @@ pub mod config;
 pub mod csi;
 pub mod daemon;
 pub mod fs;
+pub mod metrics;
 pub mod mount;
 pub mod s3;

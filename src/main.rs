@@ -9,6 +9,7 @@ use s3csi::config::{BucketName, ByteSize, CacheConfig, FsConfig, Mode, MountConf
 use s3csi::csi::{CsiConfig, ServiceMode};
 use s3csi::daemon;
 use s3csi::fs::write::WriteConfig;
+use s3csi::metrics::MetricsAddress;
 use tracing_subscriber::EnvFilter;
 
 /// Default memory tier of the block cache.
@@ -21,6 +22,15 @@ const DEFAULT_DISK_CACHE: &str = "1GiB";
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Log format: human-readable text, or one JSON object per line (for clusters).
+    #[arg(long, global = true, value_enum, default_value = "text")]
+    log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand, Debug)]
@@ -57,6 +67,9 @@ struct CsiArgs {
     /// Where the node records staged volumes (keep it on the host so it survives restarts).
     #[arg(long, value_name = "DIR", default_value = "/var/lib/s3csi")]
     state_dir: PathBuf,
+    /// Serve Prometheus metrics on host:port (GET /metrics), including every mount on this node.
+    #[arg(long, value_name = "ADDR")]
+    metrics_address: Option<std::net::SocketAddr>,
 }
 
 #[derive(Args, Debug)]
@@ -126,6 +139,9 @@ struct MountArgs {
     /// Where a background mount writes its log after detaching (default: discarded).
     #[arg(long, value_name = "PATH")]
     log_file: Option<PathBuf>,
+    /// Serve Prometheus metrics: host:port for HTTP GET /metrics, or unix:/path (off by default).
+    #[arg(long, value_name = "ADDR")]
+    metrics_address: Option<MetricsAddress>,
 }
 
 impl MountArgs {
@@ -180,24 +196,24 @@ impl MountArgs {
             allow_other: self.allow_other,
             foreground: self.foreground,
             log_file: self.log_file,
+            metrics_address: self.metrics_address,
         })
     }
 }
 
-fn init_tracing() {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn,s3csi=info"));
+fn init_tracing(format: LogFormat) {
     use std::io::IsTerminal;
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_target(false)
-        .init();
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn,s3csi=info"));
+    let fmt = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false);
+    match format {
+        LogFormat::Text => fmt.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Json => fmt.json().with_current_span(true).with_span_list(false).init(),
+    }
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing();
+    init_tracing(cli.log_format);
     let result = match cli.command {
         Command::Mount(args) => run_mount(args),
         Command::Csi(args) => run_csi(args),
@@ -248,6 +264,7 @@ fn run_csi(args: CsiArgs) -> anyhow::Result<()> {
             credentials: None,
         },
         state_dir: args.state_dir,
+        metrics_address: args.metrics_address,
         mount_exe: std::env::current_exe().context("cannot find the s3csi executable")?,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()

@@ -35,6 +35,7 @@ struct Driver {
     child: Option<Child>,
     rt: tokio::runtime::Runtime,
     channel: Channel,
+    metrics_port: u16,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -55,12 +56,14 @@ impl Driver {
     fn start_with(server: &S3Server, creds: Creds, dir: TempDir, state_dir: PathBuf) -> Driver {
         let socket = dir.path().join("csi.sock");
         let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.path().join("driver.log")).unwrap();
+        let metrics_port = common::free_port();
         let mut cmd = Command::new(S3CSI_BIN);
         cmd.args(["csi", "--node-id", "test-node", "--force-path-style"])
             .arg(format!("--csi-endpoint=unix://{}", socket.display()))
             .arg(format!("--endpoint-url={}", server.endpoint()))
             .arg(format!("--region={}", server.region()))
             .arg(format!("--state-dir={}", state_dir.display()))
+            .arg(format!("--metrics-address=127.0.0.1:{metrics_port}"))
             .env_remove("AWS_ACCESS_KEY_ID")
             .env_remove("AWS_SECRET_ACCESS_KEY")
             .env_remove("AWS_PROFILE")
@@ -92,7 +95,7 @@ impl Driver {
         });
         assert!(connected, "cannot connect to {}: {}", socket.display(), read_log(dir.path()));
         let channel = channel.expect("connected");
-        let d = Driver { dir, state_dir, child: Some(child), rt, channel };
+        let d = Driver { dir, state_dir, child: Some(child), rt, channel, metrics_port };
         let ready = d.rt.block_on(IdentityClient::new(d.channel.clone()).probe(ProbeRequest {})).unwrap();
         assert_eq!(ready.into_inner().ready, Some(true));
         d
@@ -330,6 +333,16 @@ fn prefix_per_volume_in_a_shared_bucket() {
     assert_eq!(std::os::unix::fs::MetadataExt::uid(&meta), 1000, "uid from the StorageClass");
     assert_eq!(server.get(&shared, &format!("{prefix}f.txt")), b"in my prefix");
     assert!(!target.join("other-team").exists(), "the volume sees only its prefix");
+    // The CSI metrics endpoint serves its RPC counters and every mount's metrics, by volume.
+    let text = common::scrape_metrics(d.metrics_port);
+    let stage_ok = common::metric_sum(&text, "s3csi_csi_rpcs_total", &["method=\"NodeStageVolume\"", "code=\"Ok\""]);
+    assert_eq!(stage_ok, 1.0, "{text}");
+    let volume = format!("volume=\"{}\"", vol.volume_id);
+    assert!(
+        common::metric_sum(&text, "s3csi_fuse_operations_total", &[&volume, "operation=\"write\""]) >= 1.0,
+        "{text}"
+    );
+    assert_eq!(text.matches("# TYPE s3csi_fuse_operations counter").count(), 1, "families are merged");
     unmount_volume(&d, &vol, &staging, &target);
     d.delete(&vol.volume_id, &no_secrets()).unwrap();
     assert!(server.list_keys(&shared, &prefix).is_empty(), "prefix purged");

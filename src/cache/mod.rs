@@ -110,6 +110,21 @@ impl BlockCache {
         None
     }
 
+    /// Copies the cache counters and sizes into the metrics.
+    pub fn export(&self, m: &crate::metrics::Metrics) {
+        use crate::metrics::TierLabels;
+        let set = |c: &prometheus_client::metrics::counter::Counter, v: u64| c.inner().store(v, Ordering::Relaxed);
+        let (memory, disk) = (TierLabels { tier: "memory" }, TierLabels { tier: "disk" });
+        set(&m.cache_hits.get_or_create(&memory), self.stats.hits_memory.load(Ordering::Relaxed));
+        set(&m.cache_hits.get_or_create(&disk), self.stats.hits_disk.load(Ordering::Relaxed));
+        set(&m.cache_misses, self.stats.misses.load(Ordering::Relaxed));
+        set(&m.cache_evictions.get_or_create(&memory), self.stats.evictions_memory.load(Ordering::Relaxed));
+        let disk_evictions = self.disk.as_ref().map_or(0, DiskTier::evictions);
+        set(&m.cache_evictions.get_or_create(&disk), disk_evictions);
+        m.cache_bytes.get_or_create(&memory).set(self.memory_used_bytes() as i64);
+        m.cache_bytes.get_or_create(&disk).set(self.disk_used_bytes() as i64);
+    }
+
     /// Whether a block is cached in memory (no promotion, no disk lookup).
     pub fn contains_in_memory(&self, key: &BlockKey) -> bool {
         self.mem.lock().unwrap().lru.contains(key)

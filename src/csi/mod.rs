@@ -59,6 +59,8 @@ pub struct CsiConfig {
     /// Default S3 endpoint, region and addressing; Secrets may override per volume.
     pub s3: S3Config,
     pub state_dir: PathBuf,
+    /// Where to serve Prometheus metrics (the CSI server's and every mount's on this node).
+    pub metrics_address: Option<std::net::SocketAddr>,
     /// The `s3csi` binary the node runs for each mount.
     pub mount_exe: PathBuf,
 }
@@ -123,11 +125,13 @@ pub(crate) async fn rpc<T>(
     let ms = start.elapsed().as_millis() as u64;
     match result {
         Ok(v) => {
+            crate::metrics::metrics().csi_rpc(method, tonic::Code::Ok, start);
             tracing::info!(rpc = method, volume, ms, "ok");
             Ok(Response::new(v))
         }
         Err(e) => {
             let status = Status::from(e);
+            crate::metrics::metrics().csi_rpc(method, status.code(), start);
             tracing::warn!(rpc = method, volume, ms, code = ?status.code(), error = status.message(), "failed");
             Err(status)
         }
@@ -271,6 +275,12 @@ pub async fn serve(config: CsiConfig, shutdown: impl std::future::Future<Output 
     if config.mode.node() {
         let n = node::NodeService::new(&config).context("cannot start the node service")?;
         router = router.add_service(proto::node_server::NodeServer::new(n));
+    }
+    if let Some(addr) = config.metrics_address {
+        let collect = config.mode.node().then(|| config.state_dir.join("volumes"));
+        crate::metrics::serve(&crate::metrics::MetricsAddress::Http(addr), collect)
+            .await
+            .with_context(|| format!("cannot serve metrics on {addr}"))?;
     }
     tracing::info!(
         socket = %socket.display(),

@@ -169,6 +169,7 @@ impl NodeService {
             args.push(format!("--cache-dir={}", self.state.cache_dir(&stem).display()));
         }
         args.push(format!("--log-file={}", self.state.log_file(&stem).display()));
+        args.push(format!("--metrics-address=unix:{}", self.state.metrics_socket(&stem).display()));
         let mut env = HashMap::new();
         let mut env_remove = Vec::new();
         if let Some(c) = &vs.credentials {

@@ -59,6 +59,11 @@ impl StateDir {
         self.root.join("volumes").join(format!("{stem}.log"))
     }
 
+    /// Per-volume metrics socket of the mount process, collected by the CSI metrics endpoint.
+    pub fn metrics_socket(&self, stem: &str) -> PathBuf {
+        self.root.join("volumes").join(format!("{stem}{}", crate::metrics::MOUNT_SOCKET_SUFFIX))
+    }
+
     /// Per-volume CA bundle written from a Secret.
     pub fn ca_file(&self, stem: &str) -> PathBuf {
         self.root.join("volumes").join(format!("{stem}.ca.pem"))
@@ -88,7 +93,7 @@ impl StateDir {
 
     /// Removes a volume's record and everything the node kept for it.
     pub fn remove(&self, stem: &str) -> std::io::Result<()> {
-        for p in [self.file(stem), self.ca_file(stem)] {
+        for p in [self.file(stem), self.ca_file(stem), self.metrics_socket(stem)] {
             match std::fs::remove_file(&p) {
                 Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
                 _ => {}

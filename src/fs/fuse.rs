@@ -39,11 +39,19 @@ impl<S: ObjectStore> FuseAdapter<S> {
         FuseAdapter { fs, rt }
     }
 
-    fn spawn<F>(&self, span: tracing::Span, fut: F)
+    /// Runs one operation as a task, counting it and its latency under `op`.
+    fn spawn<F>(&self, op: &'static str, span: tracing::Span, fut: F)
     where
         F: std::future::Future<Output = ()> + Send + 'static,
     {
-        self.rt.spawn(fut.instrument(span));
+        let start = std::time::Instant::now();
+        self.rt.spawn(
+            async move {
+                fut.await;
+                crate::metrics::metrics().fuse_op(op, start);
+            }
+            .instrument(span),
+        );
     }
 }
 
@@ -75,8 +83,9 @@ fn file_type(k: Kind) -> FileType {
     }
 }
 
-/// Logs an error once, at the edge, and returns its errno.
-fn errno(op: &str, e: &FsError) -> i32 {
+/// Logs an error once, at the edge, counts it, and returns its errno.
+fn errno(op: &'static str, e: &FsError) -> i32 {
+    crate::metrics::metrics().fuse_errors.get_or_create(&crate::metrics::OperationLabels { operation: op }).inc();
     if e.is_expected() {
         tracing::debug!(op, error = %e, "operation failed");
     } else {
@@ -104,7 +113,7 @@ impl<S: ObjectStore> Filesystem for FuseAdapter<S> {
             return reply.error(libc::ENOENT);
         };
         let span = tracing::debug_span!("lookup", ino = parent, name = %name);
-        self.spawn(span, async move {
+        self.spawn("lookup", span, async move {
             match fs.lookup(parent, &name).await {
                 Ok(a) => reply.entry(&fs.ttl(), &file_attr(&a), 0),
                 Err(e) => reply.error(errno("lookup", &e)),
@@ -118,7 +127,7 @@ impl<S: ObjectStore> Filesystem for FuseAdapter<S> {
 
     fn getattr(&mut self, _req: &Request<'_>, ino: u64, _fh: Option<u64>, reply: ReplyAttr) {
         let fs = Arc::clone(&self.fs);
-        self.spawn(tracing::debug_span!("getattr", ino), async move {
+        self.spawn("getattr", tracing::debug_span!("getattr", ino), async move {
             match fs.getattr(ino).await {
                 Ok(a) => reply.attr(&fs.ttl(), &file_attr(&a)),
                 Err(e) => reply.error(errno("getattr", &e)),
@@ -128,7 +137,7 @@ impl<S: ObjectStore> Filesystem for FuseAdapter<S> {
 
     fn open(&mut self, req: &Request<'_>, ino: u64, flags: i32, reply: ReplyOpen) {
         let fs = Arc::clone(&self.fs);
-        self.spawn(tracing::debug_span!("open", ino, pid = req.pid()), async move {
+        self.spawn("open", tracing::debug_span!("open", ino, pid = req.pid()), async move {
             match fs.open(ino, flags).await {
                 Ok(fh) => reply.opened(fh, 0),
                 Err(e) => reply.error(errno("open", &e)),
@@ -151,7 +160,7 @@ impl<S: ObjectStore> Filesystem for FuseAdapter<S> {
         let Ok(offset) = u64::try_from(offset) else {
             return reply.error(libc::EINVAL);
         };
-        self.spawn(tracing::trace_span!("read", ino, fh, offset, size), async move {
+        self.spawn("read", tracing::trace_span!("read", ino, fh, offset, size), async move {
             match fs.read(fh, offset, size).await {
                 Ok(parts) if parts.len() == 1 => reply.data(&parts[0]),
                 Ok(parts) => reply.data(&parts.concat()),
@@ -171,7 +180,7 @@ impl<S: ObjectStore> Filesystem for FuseAdapter<S> {
         reply: ReplyEmpty,
     ) {
         let fs = Arc::clone(&self.fs);
-        self.spawn(tracing::debug_span!("release", fh), async move {
+        self.spawn("release", tracing::debug_span!("release", fh), async move {
             match fs.release(fh).await {
                 Ok(()) => reply.ok(),
                 Err(e) => reply.error(errno("release", &e)),
@@ -181,7 +190,7 @@ impl<S: ObjectStore> Filesystem for FuseAdapter<S> {
 
     fn opendir(&mut self, _req: &Request<'_>, ino: u64, _flags: i32, reply: ReplyOpen) {
         let fs = Arc::clone(&self.fs);
-        self.spawn(tracing::debug_span!("opendir", ino), async move {
+        self.spawn("opendir", tracing::debug_span!("opendir", ino), async move {
             match fs.opendir(ino).await {
                 Ok(fh) => reply.opened(fh, 0),
                 Err(e) => reply.error(errno("opendir", &e)),
@@ -255,7 +264,7 @@ impl<S: ObjectStore> Filesystem for FuseAdapter<S> {
                 TimeOrNow::Now => SystemTime::now(),
             }),
         };
-        self.spawn(tracing::debug_span!("setattr", ino), async move {
+        self.spawn("setattr", tracing::debug_span!("setattr", ino), async move {
             match fs.setattr(ino, fh, changes).await {
                 Ok(a) => reply.attr(&fs.ttl(), &file_attr(&a)),
                 Err(e) => reply.error(errno("setattr", &e)),
@@ -279,7 +288,7 @@ impl<S: ObjectStore> Filesystem for FuseAdapter<S> {
     fn mkdir(&mut self, _req: &Request<'_>, parent: u64, name: &OsStr, mode: u32, umask: u32, reply: ReplyEntry) {
         let fs = Arc::clone(&self.fs);
         let Some(name) = name_str(name) else { return reply.error(libc::EINVAL) };
-        self.spawn(tracing::debug_span!("mkdir", ino = parent, name = %name), async move {
+        self.spawn("mkdir", tracing::debug_span!("mkdir", ino = parent, name = %name), async move {
             match fs.mkdir(parent, &name, (mode & !umask & 0o7777) as u16).await {
                 Ok(a) => reply.entry(&fs.ttl(), &file_attr(&a), 0),
                 Err(e) => reply.error(errno("mkdir", &e)),
@@ -290,7 +299,7 @@ impl<S: ObjectStore> Filesystem for FuseAdapter<S> {
     fn unlink(&mut self, _req: &Request<'_>, parent: u64, name: &OsStr, reply: ReplyEmpty) {
         let fs = Arc::clone(&self.fs);
         let Some(name) = name_str(name) else { return reply.error(libc::ENOENT) };
-        self.spawn(tracing::debug_span!("unlink", ino = parent, name = %name), async move {
+        self.spawn("unlink", tracing::debug_span!("unlink", ino = parent, name = %name), async move {
             match fs.unlink(parent, &name).await {
                 Ok(()) => reply.ok(),
                 Err(e) => reply.error(errno("unlink", &e)),
@@ -301,7 +310,7 @@ impl<S: ObjectStore> Filesystem for FuseAdapter<S> {
     fn rmdir(&mut self, _req: &Request<'_>, parent: u64, name: &OsStr, reply: ReplyEmpty) {
         let fs = Arc::clone(&self.fs);
         let Some(name) = name_str(name) else { return reply.error(libc::ENOENT) };
-        self.spawn(tracing::debug_span!("rmdir", ino = parent, name = %name), async move {
+        self.spawn("rmdir", tracing::debug_span!("rmdir", ino = parent, name = %name), async move {
             match fs.rmdir(parent, &name).await {
                 Ok(()) => reply.ok(),
                 Err(e) => reply.error(errno("rmdir", &e)),
@@ -314,7 +323,7 @@ impl<S: ObjectStore> Filesystem for FuseAdapter<S> {
         let (Some(name), Some(target)) = (name_str(name), target.to_str().map(str::to_owned)) else {
             return reply.error(libc::EINVAL);
         };
-        self.spawn(tracing::debug_span!("symlink", ino = parent, name = %name), async move {
+        self.spawn("symlink", tracing::debug_span!("symlink", ino = parent, name = %name), async move {
             match fs.symlink(parent, &name, &target).await {
                 Ok(a) => reply.entry(&fs.ttl(), &file_attr(&a), 0),
                 Err(e) => reply.error(errno("symlink", &e)),
@@ -324,7 +333,7 @@ impl<S: ObjectStore> Filesystem for FuseAdapter<S> {
 
     fn readlink(&mut self, _req: &Request<'_>, ino: u64, reply: ReplyData) {
         let fs = Arc::clone(&self.fs);
-        self.spawn(tracing::debug_span!("readlink", ino), async move {
+        self.spawn("readlink", tracing::debug_span!("readlink", ino), async move {
             match fs.readlink(ino).await {
                 Ok(target) => reply.data(&target),
                 Err(e) => reply.error(errno("readlink", &e)),
@@ -347,7 +356,7 @@ impl<S: ObjectStore> Filesystem for FuseAdapter<S> {
             return reply.error(libc::EINVAL);
         };
         let span = tracing::debug_span!("rename", ino = parent, name = %name, newparent, newname = %newname);
-        self.spawn(span, async move {
+        self.spawn("rename", span, async move {
             match fs.rename(parent, &name, newparent, &newname, flags).await {
                 Ok(()) => reply.ok(),
                 Err(e) => reply.error(errno("rename", &e)),
@@ -374,7 +383,7 @@ impl<S: ObjectStore> Filesystem for FuseAdapter<S> {
         let fs = Arc::clone(&self.fs);
         let Ok(offset) = u64::try_from(offset) else { return reply.error(libc::EINVAL) };
         let data = data.to_vec();
-        self.spawn(tracing::trace_span!("write", ino, fh, offset, len = data.len()), async move {
+        self.spawn("write", tracing::trace_span!("write", ino, fh, offset, len = data.len()), async move {
             match fs.write(fh, offset, &data).await {
                 Ok(n) => reply.written(n),
                 Err(e) => reply.error(errno("write", &e)),
@@ -384,7 +393,7 @@ impl<S: ObjectStore> Filesystem for FuseAdapter<S> {
 
     fn flush(&mut self, _req: &Request<'_>, ino: u64, fh: u64, _lock_owner: u64, reply: ReplyEmpty) {
         let fs = Arc::clone(&self.fs);
-        self.spawn(tracing::debug_span!("flush", ino, fh), async move {
+        self.spawn("flush", tracing::debug_span!("flush", ino, fh), async move {
             match fs.flush(fh).await {
                 Ok(()) => reply.ok(),
                 Err(e) => reply.error(errno("flush", &e)),
@@ -394,7 +403,7 @@ impl<S: ObjectStore> Filesystem for FuseAdapter<S> {
 
     fn fsync(&mut self, _req: &Request<'_>, ino: u64, fh: u64, _datasync: bool, reply: ReplyEmpty) {
         let fs = Arc::clone(&self.fs);
-        self.spawn(tracing::debug_span!("fsync", ino, fh), async move {
+        self.spawn("fsync", tracing::debug_span!("fsync", ino, fh), async move {
             match fs.flush(fh).await {
                 Ok(()) => reply.ok(),
                 Err(e) => reply.error(errno("fsync", &e)),
@@ -414,7 +423,7 @@ impl<S: ObjectStore> Filesystem for FuseAdapter<S> {
     ) {
         let fs = Arc::clone(&self.fs);
         let Some(name) = name_str(name) else { return reply.error(libc::EINVAL) };
-        self.spawn(tracing::debug_span!("create", ino = parent, name = %name), async move {
+        self.spawn("create", tracing::debug_span!("create", ino = parent, name = %name), async move {
             match fs.create(parent, &name, (mode & !umask & 0o7777) as u16, flags).await {
                 Ok((a, fh)) => reply.created(&fs.ttl(), &file_attr(&a), 0, fh, 0),
                 Err(e) => reply.error(errno("create", &e)),

@@ -81,6 +81,7 @@ pub async fn build_client(cfg: &S3Config) -> Result<Client, S3ClientError> {
     let sdk = loader.load().await;
     check_credentials(&sdk).await?;
     let s3cfg = aws_sdk_s3::config::Builder::from(&sdk)
+        .interceptor(MetricsInterceptor)
         .force_path_style(cfg.force_path_style)
         .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
         .response_checksum_validation(ResponseChecksumValidation::WhenRequired)
@@ -111,6 +112,106 @@ fn read_ca_bundle(path: &Path) -> Result<Vec<u8>, S3ClientError> {
         return Err(S3ClientError(format!("--ca-bundle {} holds no PEM certificate", path.display())));
     }
     Ok(pem)
+}
+
+/// Counts a PUT or UploadPart as in flight while it lives; [`UploadGuard::sent`] counts its
+/// body bytes once S3 accepted them.
+struct UploadGuard(usize);
+
+impl UploadGuard {
+    fn new(len: usize) -> Self {
+        crate::metrics::metrics().uploads_in_flight.inc();
+        UploadGuard(len)
+    }
+
+    fn sent(self) {
+        crate::metrics::metrics().s3_bytes_written.inc_by(self.0 as u64);
+    }
+}
+
+impl Drop for UploadGuard {
+    fn drop(&mut self) {
+        crate::metrics::metrics().uploads_in_flight.dec();
+    }
+}
+
+/// When an operation started, kept in the request's config bag.
+#[derive(Debug, Clone)]
+struct OperationStart(std::time::Instant);
+
+impl aws_smithy_types::config_bag::Storable for OperationStart {
+    type Storer = aws_smithy_types::config_bag::StoreReplace<Self>;
+}
+
+/// Records every S3 operation (after the SDK's retries) by name, outcome and latency.
+#[derive(Debug)]
+struct MetricsInterceptor;
+
+impl aws_smithy_runtime_api::client::interceptors::Intercept for MetricsInterceptor {
+    fn name(&self) -> &'static str {
+        "s3csi-metrics"
+    }
+
+    fn read_before_execution(
+        &self,
+        _context: &aws_smithy_runtime_api::client::interceptors::context::BeforeSerializationInterceptorContextRef<'_>,
+        cfg: &mut aws_smithy_types::config_bag::ConfigBag,
+    ) -> Result<(), aws_smithy_runtime_api::box_error::BoxError> {
+        cfg.interceptor_state().store_put(OperationStart(std::time::Instant::now()));
+        Ok(())
+    }
+
+    fn read_after_execution(
+        &self,
+        context: &aws_smithy_runtime_api::client::interceptors::context::FinalizerInterceptorContextRef<'_>,
+        _runtime_components: &aws_smithy_runtime_api::client::runtime_components::RuntimeComponents,
+        cfg: &mut aws_smithy_types::config_bag::ConfigBag,
+    ) -> Result<(), aws_smithy_runtime_api::box_error::BoxError> {
+        let Some(start) = cfg.load::<OperationStart>().map(|s| s.0) else { return Ok(()) };
+        let operation = cfg
+            .load::<aws_smithy_runtime_api::client::orchestrator::Metadata>()
+            .map(|m| operation_name(m.name()))
+            .unwrap_or("unknown");
+        let outcome = match context.response().map(|r| r.status().as_u16()) {
+            None => "unreachable",
+            Some(200..=299) => "ok",
+            Some(304) => "not_modified",
+            Some(403) => "access_denied",
+            Some(404) => "not_found",
+            Some(412) => "precondition_failed",
+            Some(416) => "invalid_range",
+            Some(429 | 503) => "throttled",
+            Some(500..=599) => "server_error",
+            Some(_) => "client_error",
+        };
+        crate::metrics::metrics().s3_request(operation, outcome, start);
+        Ok(())
+    }
+}
+
+/// The operation names we use, as `&'static str` labels.
+fn operation_name(name: &str) -> &'static str {
+    const KNOWN: &[&str] = &[
+        "HeadObject",
+        "GetObject",
+        "PutObject",
+        "ListObjectsV2",
+        "CreateMultipartUpload",
+        "UploadPart",
+        "UploadPartCopy",
+        "CompleteMultipartUpload",
+        "AbortMultipartUpload",
+        "CopyObject",
+        "DeleteObject",
+        "DeleteObjects",
+        "HeadBucket",
+        "CreateBucket",
+        "DeleteBucket",
+        "ListBuckets",
+        "ListObjectVersions",
+        "ListMultipartUploads",
+    ];
+    KNOWN.iter().find(|k| **k == name).copied().unwrap_or("other")
 }
 
 /// The client could not be configured (bad CA bundle, bad TLS settings).
@@ -307,7 +408,10 @@ impl ObjectStore for AwsStore {
         let body = futures::stream::unfold((out.body, key), |(mut body, key)| async move {
             match body.next().await {
                 None => None,
-                Some(Ok(bytes)) => Some((Ok(bytes), (body, key))),
+                Some(Ok(bytes)) => {
+                    crate::metrics::metrics().s3_bytes_read.inc_by(bytes.len() as u64);
+                    Some((Ok(bytes), (body, key)))
+                }
                 Some(Err(e)) => {
                     let err = S3Error::Body(key.clone(), DisplayErrorContext(&e).to_string());
                     Some((Err(err), (body, key)))
@@ -319,6 +423,7 @@ impl ObjectStore for AwsStore {
     }
 
     async fn put_object(&self, key: &str, body: Bytes, metadata: &UserMetadata) -> Result<String, S3Error> {
+        let upload = UploadGuard::new(body.len());
         let out = self
             .client
             .put_object()
@@ -329,6 +434,7 @@ impl ObjectStore for AwsStore {
             .send()
             .await
             .map_err(|e| map_sdk_error("PutObject", &self.bucket, key, e))?;
+        upload.sent();
         Ok(out.e_tag().unwrap_or_default().to_owned())
     }
 
@@ -351,6 +457,7 @@ impl ObjectStore for AwsStore {
     }
 
     async fn upload_part(&self, key: &str, upload_id: &str, number: i32, body: Bytes) -> Result<String, S3Error> {
+        let upload = UploadGuard::new(body.len());
         let out = self
             .client
             .upload_part()
@@ -362,6 +469,7 @@ impl ObjectStore for AwsStore {
             .send()
             .await
             .map_err(|e| map_sdk_error("UploadPart", &self.bucket, key, e))?;
+        upload.sent();
         Ok(out.e_tag().unwrap_or_default().to_owned())
     }
 

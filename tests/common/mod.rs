@@ -1019,3 +1019,26 @@ pub fn assert_same_bytes(got: &[u8], want: &[u8], what: &str) {
     let first = got.iter().zip(want).position(|(a, b)| a != b);
     panic!("{what}: got {} bytes, want {} bytes; first difference at offset {first:?}", got.len(), want.len());
 }
+
+/// `GET /metrics` from a metrics endpoint on 127.0.0.1:`port`; the body.
+pub fn scrape_metrics(port: u16) -> String {
+    use std::io::Write;
+    let mut conn = TcpStream::connect(("127.0.0.1", port)).expect("connect to the metrics endpoint");
+    conn.set_read_timeout(Some(Duration::from_secs(10))).expect("read timeout");
+    conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").expect("send request");
+    let mut response = String::new();
+    conn.read_to_string(&mut response).expect("read response");
+    let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
+    assert!(head.starts_with("HTTP/1.1 200"), "metrics endpoint answered {head}");
+    body.to_owned()
+}
+
+/// Sum of the samples of `name` whose labels contain every `label="value"` in `labels`.
+pub fn metric_sum(text: &str, name: &str, labels: &[&str]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| l.split(['{', ' ']).next() == Some(name))
+        .filter(|l| labels.iter().all(|want| l.contains(want)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
