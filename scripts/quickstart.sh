@@ -1,14 +1,26 @@
 #!/usr/bin/env bash
 # One command from a fresh machine to a mounted bucket: installs fuse3 if needed, starts a local
-# S3 server (scripts/start-s3.sh), uploads a few demo files through S3, builds s3csi and mounts
-# bucket `demo` at ${1:-/tmp/s3csi-demo}. Safe to run again.
+# S3 server, uploads a few demo files through S3, builds s3csi and mounts bucket `demo` at
+# ${MOUNTPOINT:-/tmp/s3csi-demo}. Safe to run again.
+#
+#   scripts/quickstart.sh [DIR]           # no Docker: s3s-fs from crates.io (scripts/start-s3.sh)
+#   scripts/quickstart.sh --minio [DIR]   # Docker: MinIO from minio-compose.yml
 set -euo pipefail
 
+USE_MINIO=no
+if [ "${1:-}" = --minio ]; then
+    USE_MINIO=yes
+    shift
+fi
 MOUNTPOINT="${1:-/tmp/s3csi-demo}"
 ENDPOINT=http://127.0.0.1:9000
 REGION=us-east-1
 BUCKET=demo
-export AWS_ACCESS_KEY_ID=s3csi AWS_SECRET_ACCESS_KEY=s3csi-secret AWS_REGION="$REGION"
+if [ "$USE_MINIO" = yes ]; then
+    export AWS_ACCESS_KEY_ID=minioadmin AWS_SECRET_ACCESS_KEY=minioadmin AWS_REGION="$REGION"
+else
+    export AWS_ACCESS_KEY_ID=s3csi AWS_SECRET_ACCESS_KEY=s3csi-secret AWS_REGION="$REGION"
+fi
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 say() { printf '\n==> %s\n' "$*"; }
@@ -25,8 +37,15 @@ if ! command -v fusermount3 >/dev/null 2>&1; then
 fi
 [ -c /dev/fuse ] || die "/dev/fuse is missing: this machine (or container) has no FUSE access"
 
-say "starting the local S3 server"
-bash "$ROOT/scripts/start-s3.sh"
+if [ "$USE_MINIO" = yes ]; then
+    command -v docker >/dev/null 2>&1 || die "docker is not installed; run without --minio to use s3s-fs"
+    say "starting MinIO: docker compose -f minio-compose.yml up -d --wait"
+    docker compose -f "$ROOT/minio-compose.yml" up -d --wait minio
+    docker compose -f "$ROOT/minio-compose.yml" up create-bucket
+else
+    say "starting the local S3 server"
+    bash "$ROOT/scripts/start-s3.sh"
+fi
 
 # put KEY FILE: upload through the S3 API (SigV4-signed curl), never into the server's data dir.
 put() {
@@ -72,7 +91,11 @@ cat "$MOUNTPOINT/hello.txt"
 
 cat <<DONE
 
-Bucket $BUCKET is mounted at $MOUNTPOINT (read-only for now: writes arrive in the next milestone).
+Bucket $BUCKET is mounted at $MOUNTPOINT: read, write, rename and delete files there.
 Unmount with:        umount $MOUNTPOINT
-Stop the S3 server:  kill "\$(cat ${S3CSI_DATA:-/tmp/s3csi-data}.pid)"
 DONE
+if [ "$USE_MINIO" = yes ]; then
+    echo "Stop MinIO:          docker compose -f $ROOT/minio-compose.yml down"
+else
+    echo "Stop the S3 server:  kill \"\$(cat ${S3CSI_DATA:-/tmp/s3csi-data}.pid)\""
+fi
