@@ -131,9 +131,18 @@ pub fn run_foreground(config: MountConfig, notify_ready: bool) -> anyhow::Result
         .context("cannot start the async runtime")?;
     let volume = format!("{}/{}", config.bucket, config.fs.prefix);
     let metrics = crate::metrics::init(Some(volume.trim_end_matches('/').to_owned()));
-    if let Some(addr) = &config.metrics_address {
-        rt.block_on(crate::metrics::serve(addr, None))
-            .map_err(|e| anyhow::anyhow!("cannot serve metrics on {addr:?}: {e}"))?;
+    match &config.metrics_address {
+        Some(addr @ crate::metrics::MetricsAddress::Http(a)) => {
+            rt.block_on(crate::metrics::serve(addr, None))
+                .map_err(|e| anyhow::anyhow!("cannot serve metrics on {a}: {e}; choose another --metrics-address"))?;
+        }
+        // The socket the CSI node collects from: losing metrics must not fail the mount.
+        Some(addr @ crate::metrics::MetricsAddress::Unix(path)) => {
+            if let Err(e) = rt.block_on(crate::metrics::serve(addr, None)) {
+                tracing::warn!(socket = %path.display(), error = %e, "cannot serve metrics; continuing without");
+            }
+        }
+        None => {}
     }
     let store = rt.block_on(async {
         let client = build_client(&config.s3).await?;
