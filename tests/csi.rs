@@ -658,10 +658,10 @@ fn a_dead_mount_is_cleaned_up_and_mounted_again() {
         std::fs::metadata(&staging).err().and_then(|e| e.raw_os_error()) == Some(libc::ENOTCONN)
     }));
     assert_eq!(code_of(d.publish(&vol.volume_id, &staging, &target, false)), Code::FailedPrecondition);
-    // Kubelet retries staging after a failure; the dead mount is replaced.
-    d.unstage(&vol.volume_id, &staging).unwrap();
-    std::fs::create_dir_all(&staging).unwrap();
+    // Staging again finds the dead mount, detaches it and mounts afresh.
     d.stage(d.stage_req(&vol, &staging, &no_secrets())).unwrap();
+    assert!(std::fs::metadata(&staging).is_ok(), "the staging path answers again");
+    assert_eq!(processes_with_arg(&staging).len(), 1);
     d.publish(&vol.volume_id, &staging, &target, false).unwrap();
     assert_eq!(std::fs::read(target.join("f")).unwrap(), b"survives");
     unmount_volume(&d, &vol, &staging, &target);
@@ -712,4 +712,19 @@ fn an_unreachable_s3_endpoint_is_unavailable_and_named() {
     let err = d.delete("some-bucket", &secrets).unwrap_err();
     assert_eq!(err.code(), Code::Unavailable, "{err:?}");
     assert!(err.message().contains("some-bucket"), "{}", err.message());
+}
+
+#[test]
+fn purging_a_large_bucket_pages_and_deletes_in_batches() {
+    let server = S3Server::start();
+    let d = Driver::start(&server, Creds::Env);
+    let vol = d.create("pvc-large", &[], &no_secrets()).unwrap();
+    let objects: Vec<(String, Vec<u8>)> = (0..2500).map(|i| (format!("d{}/f{i:05}", i % 7), vec![b'x'; 16])).collect();
+    server.put_many(&vol.volume_id, objects, 16);
+    d.delete(&vol.volume_id, &no_secrets()).unwrap_or_else(|e| panic!("{e:?}\n{}", d.log()));
+    assert!(!bucket_exists(&server, &vol.volume_id));
+    let log = d.log();
+    let progress = log.lines().filter(|l| l.contains("purging") && l.contains(&vol.volume_id)).count();
+    assert!(progress >= 3, "progress is logged per batch of at most 1000: {log}");
+    assert!(log.contains("objects=2501"), "every object and the marker: {log}");
 }
