@@ -416,6 +416,12 @@ fn every_call_is_idempotent() {
     d.stage(d.stage_req(&a, &staging, &no_secrets())).unwrap();
     d.stage(d.stage_req(&a, &staging, &no_secrets())).unwrap();
     assert_eq!(processes_with_arg(&staging).len(), 1, "one mount process per volume");
+    let mut tuned = d.stage_req(&a, &staging, &no_secrets());
+    tuned.volume_context.insert("metadataTtl".into(), "30".into());
+    d.stage(tuned).unwrap();
+    let mut read_only = d.stage_req(&a, &staging, &no_secrets());
+    read_only.volume_context.insert("readOnly".into(), "true".into());
+    assert_eq!(code_of(d.stage(read_only)), Code::AlreadyExists, "staged read-write already");
     d.publish(&a.volume_id, &staging, &target, false).unwrap();
     d.publish(&a.volume_id, &staging, &target, false).unwrap();
     let target2 = d.path("pods/j/volume");

@@ -67,6 +67,13 @@ fn mount_parts(cap: &VolumeCapability) -> (&[String], Option<&str>) {
     }
 }
 
+/// What makes two stagings of a volume incompatible: which keys it shows and whether it is
+/// read-only. Everything else (cache sizes, TTL, modes, log and metrics paths) may differ.
+fn essential_args(args: &[String]) -> (Option<&str>, bool) {
+    let prefix = args.iter().find_map(|a| a.strip_prefix("--prefix="));
+    (prefix, args.iter().any(|a| a == "--read-only"))
+}
+
 /// Creates `path` as a directory if missing; returns whether it was created.
 fn ensure_dir(path: &Path) -> Result<bool, CsiError> {
     match std::fs::metadata(path) {
@@ -211,10 +218,17 @@ impl NodeService {
                 )));
             }
             match self.mounter.state(&staging) {
-                MountState::Healthy { .. } if old.mount_args == spec.args => return Ok(NodeStageVolumeResponse {}),
+                MountState::Healthy { .. } if essential_args(&old.mount_args) == essential_args(&spec.args) => {
+                    if old.mount_args != spec.args {
+                        // Tuning options (cache sizes, TTL, modes) or a newer driver's extra
+                        // flags: the live mount keeps serving; they apply at the next staging.
+                        tracing::info!(volume = %id, "already staged with other tuning options; keeping the live mount");
+                    }
+                    return Ok(NodeStageVolumeResponse {});
+                }
                 MountState::Healthy { .. } => {
                     return Err(CsiError::AlreadyExists(format!(
-                        "volume {id} is already staged at {} with different options",
+                        "volume {id} is already staged at {} with a different prefix or read-only setting",
                         staging.display()
                     )));
                 }
