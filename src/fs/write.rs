@@ -127,15 +127,6 @@ impl RangeSet {
     }
 }
 
-/// Runs local file I/O that may block (a staging file on a slow or busy disk) without stalling
-/// the other tasks of a multi-threaded runtime; on other runtimes (unit tests) it just runs.
-fn blocking<T>(f: impl FnOnce() -> T) -> T {
-    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
-        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
-        _ => f(),
-    }
-}
-
 /// The staging area: sparse files under one directory, bounded by bytes written locally.
 #[derive(Debug)]
 pub struct Staging {
@@ -588,7 +579,7 @@ impl OpenFile {
                     sg.file = Some(ctx.staging.create()?);
                 }
                 let (file, path) = sg.file.as_ref().expect("just created");
-                blocking(|| file.write_all_at(data, offset))
+                file.write_all_at(data, offset)
                     .map_err(|e| FsError::Local(format!("cannot write staging file {}: {e}", path.display())))?;
                 sg.local.insert(offset..end);
                 self.size = self.size.max(end);
@@ -651,8 +642,7 @@ impl OpenFile {
             *remote = (*remote).min(size);
         }
         if let Some((file, path)) = &sg.file {
-            blocking(|| file.set_len(size))
-                .map_err(|e| FsError::Local(format!("cannot truncate {}: {e}", path.display())))?;
+            file.set_len(size).map_err(|e| FsError::Local(format!("cannot truncate {}: {e}", path.display())))?;
         }
         self.size = size;
         self.dirty = true;
@@ -675,7 +665,7 @@ impl OpenFile {
             if local {
                 let (file, path) = sg.file.as_ref().expect("local ranges imply a staging file");
                 let mut buf = vec![0u8; (piece.end - piece.start) as usize];
-                blocking(|| file.read_exact_at(&mut buf, piece.start))
+                file.read_exact_at(&mut buf, piece.start)
                     .map_err(|e| FsError::Local(format!("cannot read staging file {}: {e}", path.display())))?;
                 out.push(Bytes::from(buf));
                 continue;
