@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use s3csi::csi::volume::{CreateParams, DEFAULT_DRIVER_NAME, K8S_KEY_PREFIX, MountOptions, VolumeId};
+use s3csi::csi::volume::{CreateParams, DEFAULT_DRIVER_NAME, MountOptions, VolumeId};
 use yaml_rust2::{Yaml, YamlLoader};
 
 const IMAGE: &str = "ghcr.io/s3csi/s3csi";
@@ -200,7 +200,6 @@ fn examples_use_only_what_the_driver_accepts() {
                         .unwrap()
                         .iter()
                         .map(|(k, v)| (s(k).to_owned(), s(v).to_owned()))
-                        .filter(|(k, _)| !k.starts_with(K8S_KEY_PREFIX))
                         .collect();
                     let p = CreateParams::parse(&params).unwrap_or_else(|e| panic!("{}: {e}", f.display()));
                     on_delete.push(p.on_delete.to_string());

@@ -7,6 +7,12 @@
 //! Options reach the node from two places with one set of meanings: StorageClass parameters /
 //! PV `volumeAttributes` (camelCase keys such as `fileMode`) and PV `mountOptions` (the
 //! `s3csi mount` flag names such as `file-mode=0640`). Unknown keys are errors that name the key.
+//!
+//! The key rule ([`OptionKey::classify`]): only bare keys (`uid`, `fileMode`, ...) are ours.
+//! A key with a DNS prefix (`domain/name`, such as `csi.storage.k8s.io/pvc/name` or
+//! `storage.kubernetes.io/csiProvisionerIdentity`) belongs to Kubernetes or another component:
+//! it is ignored (logged at debug), never an error, in StorageClass parameters and volume
+//! context alike. An unknown bare key is `InvalidArgument`.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -29,8 +35,34 @@ pub const PARAM_BUCKET: &str = "bucket";
 pub const PARAM_NAME_PREFIX: &str = "namePrefix";
 /// StorageClass parameter: what DeleteVolume does (`purge`, `ifEmpty`, `keep`).
 pub const PARAM_ON_DELETE: &str = "onDelete";
-/// Keys Kubernetes adds itself (`csi.storage.k8s.io/pvc/name`, pod info, ...); ignored.
-pub const K8S_KEY_PREFIX: &str = "csi.storage.k8s.io/";
+
+/// What a parameter or volume-context key is, by the key rule in the module docs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OptionKey<'a> {
+    /// A bare key: ours, known or not.
+    Ours(&'a str),
+    /// `domain/name`: set by Kubernetes (csi-provisioner, kubelet) or another component.
+    Foreign,
+}
+
+impl<'a> OptionKey<'a> {
+    pub fn classify(key: &'a str) -> Self {
+        if key.contains('/') { OptionKey::Foreign } else { OptionKey::Ours(key) }
+    }
+}
+
+/// The entries of `map` that are ours, sorted by key; foreign keys are logged at debug.
+fn our_entries<'a>(map: &'a HashMap<String, String>, what: &str) -> Vec<(&'a str, &'a str)> {
+    let mut out = Vec::new();
+    for (k, v) in map {
+        match OptionKey::classify(k) {
+            OptionKey::Ours(k) => out.push((k, v.as_str())),
+            OptionKey::Foreign => tracing::debug!(key = %k, "ignoring {what} key of another component"),
+        }
+    }
+    out.sort();
+    out
+}
 
 /// Longest generated name prefix, leaving room for the name and the hash in 63 characters.
 const MAX_NAME_PREFIX: usize = 24;
@@ -215,21 +247,20 @@ pub struct CreateParams {
 impl CreateParams {
     pub fn parse(params: &HashMap<String, String>) -> Result<Self, String> {
         let mut out = CreateParams::default();
-        for (k, v) in params {
-            match k.as_str() {
+        for (k, v) in our_entries(params, "StorageClass parameter") {
+            match k {
                 PARAM_BUCKET => {
                     let b: BucketName = v.parse().map_err(|e| format!("invalid parameter {PARAM_BUCKET}: {e}"))?;
                     out.bucket = Some(b.as_str().to_owned());
                 }
                 PARAM_NAME_PREFIX => {
                     check_name_prefix(v)?;
-                    out.name_prefix = v.clone();
+                    out.name_prefix = v.to_owned();
                 }
                 PARAM_ON_DELETE => out.on_delete = v.parse()?,
-                _ if k.starts_with(K8S_KEY_PREFIX) => {}
                 _ => {
                     MountOptions::default().apply_context(k, v)?;
-                    out.context.insert(k.clone(), v.clone());
+                    out.context.insert(k.to_owned(), v.to_owned());
                 }
             }
         }
@@ -274,6 +305,11 @@ pub const CTX_PREFIX: &str = "prefix";
 /// Volume-context key: mount read-only (`"true"`/`"false"`).
 pub const CTX_READ_ONLY: &str = "readOnly";
 
+/// Default modes under a pod's fsGroup (kubelet ORs `0660` into file modes and `0660` plus
+/// set-group-ID into directory modes of the default `0644`/`0755`).
+pub const FS_GROUP_FILE_MODE: &str = "0664";
+pub const FS_GROUP_DIR_MODE: &str = "2775";
+
 /// Node-side options for one mount, validated.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct MountOptions {
@@ -306,7 +342,8 @@ fn parse_bool(key: &str, v: &str) -> Result<bool, String> {
 }
 
 impl MountOptions {
-    /// Applies one volume-context entry (StorageClass parameter or PV volumeAttribute).
+    /// Applies one volume-context entry (StorageClass parameter or PV volumeAttribute) whose
+    /// key is ours (see [`OptionKey`]).
     pub fn apply_context(&mut self, key: &str, value: &str) -> Result<(), String> {
         if let Some(&(_, flag, kind)) = VALUE_OPTIONS.iter().find(|(k, _, _)| *k == key) {
             check_value(key, kind, value)?;
@@ -320,7 +357,6 @@ impl MountOptions {
             }
             CTX_READ_ONLY => self.read_only |= parse_bool(key, value)?,
             PARAM_BUCKET | PARAM_NAME_PREFIX | PARAM_ON_DELETE => {}
-            _ if key.starts_with(K8S_KEY_PREFIX) => {}
             _ => {
                 let known: Vec<&str> = VALUE_OPTIONS.iter().map(|(k, _, _)| *k).collect();
                 return Err(format!(
@@ -362,9 +398,7 @@ impl MountOptions {
         mount_group: Option<&str>,
     ) -> Result<Self, String> {
         let mut o = MountOptions::default();
-        let mut keys: Vec<_> = context.iter().collect();
-        keys.sort();
-        for (k, v) in keys {
+        for (k, v) in our_entries(context, "volume context") {
             o.apply_context(k, v)?;
         }
         for f in mount_flags {
@@ -373,9 +407,10 @@ impl MountOptions {
         if let Some(group) = mount_group.filter(|g| !g.is_empty()) {
             check_value("volume_mount_group", Kind::Id, group)?;
             o.values.insert("gid", group.to_owned());
-            // The group must be able to write, as with fsGroup on block volumes.
-            o.values.entry("file-mode").or_insert_with(|| "0664".to_owned());
-            o.values.entry("dir-mode").or_insert_with(|| "0775".to_owned());
+            // What kubelet makes of a local volume for an fsGroup: the group may read and
+            // write everything, and directories are set-group-ID so new entries keep the group.
+            o.values.entry("file-mode").or_insert_with(|| FS_GROUP_FILE_MODE.to_owned());
+            o.values.entry("dir-mode").or_insert_with(|| FS_GROUP_DIR_MODE.to_owned());
         }
         Ok(o)
     }
@@ -483,10 +518,54 @@ mod tests {
         let args = o.mount_args("vol/");
         assert!(args.contains(&"--prefix=vol/sub/".to_owned()), "{args:?}");
         assert!(args.contains(&"--file-mode=0600".to_owned()), "explicit mode wins over the fsGroup default");
-        assert!(args.contains(&"--dir-mode=0775".to_owned()));
+        assert!(args.contains(&"--dir-mode=2775".to_owned()), "set-group-ID directories under an fsGroup");
         assert!(args.contains(&"--gid=2000".to_owned()));
         assert!(args.contains(&"--metadata-ttl=5".to_owned()));
         assert!(args.contains(&"--read-only".to_owned()) && args.contains(&"--allow-other".to_owned()));
+    }
+
+    /// Exactly what a provisioner-created PV carries (csi-provisioner v5 with
+    /// `--extra-create-metadata`; kubelet adds pod info when `podInfoOnMount` is set).
+    const KUBERNETES_KEYS: &[(&str, &str)] = &[
+        ("storage.kubernetes.io/csiProvisionerIdentity", "1764534883017-8081-s3.csi.s3csi.io"),
+        ("csi.storage.k8s.io/pv/name", "pvc-5f0c2f0e-6f7d-4a5e-9a43-0f1c1a2b3c4d"),
+        ("csi.storage.k8s.io/pvc/name", "data"),
+        ("csi.storage.k8s.io/pvc/namespace", "default"),
+        ("csi.storage.k8s.io/pod.name", "app-0"),
+        ("csi.storage.k8s.io/pod.namespace", "default"),
+        ("csi.storage.k8s.io/pod.uid", "0b7c9c3e-1111-2222-3333-444455556666"),
+        ("csi.storage.k8s.io/serviceAccount.name", "default"),
+        ("csi.storage.k8s.io/ephemeral", "false"),
+        ("csi.storage.k8s.io/serviceAccount.tokens", "{}"),
+        ("example.com/anything", "x"),
+    ];
+
+    fn map(entries: &[(&str, &str)]) -> HashMap<String, String> {
+        entries.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()
+    }
+
+    #[test]
+    fn keys_of_other_components_are_ignored_everywhere() {
+        let mut ctx = map(KUBERNETES_KEYS);
+        ctx.insert("uid".into(), "1000".into());
+        let o = MountOptions::build(&ctx, &[], None).unwrap();
+        assert_eq!(o.values.get("uid").map(String::as_str), Some("1000"));
+        assert_eq!(o.values.len(), 1, "{o:?}");
+        let p = CreateParams::parse(&ctx).unwrap();
+        assert_eq!(p.context.keys().collect::<Vec<_>>(), ["uid"], "foreign keys are not passed on");
+        // A bare key that is not ours is still an error, next to the foreign ones.
+        ctx.insert("colour".into(), "blue".into());
+        assert!(MountOptions::build(&ctx, &[], None).unwrap_err().contains("\"colour\""));
+        assert!(CreateParams::parse(&ctx).unwrap_err().contains("\"colour\""));
+    }
+
+    #[test_case("storage.kubernetes.io/csiProvisionerIdentity", true)]
+    #[test_case("csi.storage.k8s.io/ephemeral", true)]
+    #[test_case("example.com/uid", true)]
+    #[test_case("uid", false)]
+    #[test_case("colour", false)]
+    fn key_rule(key: &str, foreign: bool) {
+        assert_eq!(OptionKey::classify(key) == OptionKey::Foreign, foreign);
     }
 
     #[test_case("noexec", "unknown mount option \"noexec\"")]
