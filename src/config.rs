@@ -178,6 +178,9 @@ pub struct Ownership {
     pub gid: u32,
     pub file_mode: u16,
     pub dir_mode: u16,
+    /// The group was set explicitly (`--gid`, a pod's fsGroup): new entries take `gid` rather
+    /// than the creating process's group.
+    pub group_forced: bool,
 }
 
 /// Block cache sizing.

@@ -99,16 +99,19 @@ struct MountArgs {
     /// Let users other than the mounting user access the mount.
     #[arg(long)]
     allow_other: bool,
-    /// Owner of every file and directory (default: the mounting user).
+    /// Owner of objects that carry no owner of their own (default: the mounting user). Entries
+    /// created through the mount belong to the process that creates them.
     #[arg(long, value_name = "N")]
     uid: Option<u32>,
-    /// Group of every file and directory (default: the mounting user's group).
+    /// Group of objects that carry no group of their own (default: the mounting user's group).
+    /// When given, entries created through the mount take this group too (as with fsGroup).
     #[arg(long, value_name = "N")]
     gid: Option<u32>,
-    /// Permission bits of files, in octal.
+    /// Permission bits of objects that carry no mode of their own, in octal.
     #[arg(long, value_name = "OCTAL", default_value = "0644")]
     file_mode: Mode,
-    /// Permission bits of directories, in octal.
+    /// Permission bits of directories that carry no mode of their own, in octal (`2775` makes
+    /// new entries inherit the directory's group).
     #[arg(long, value_name = "OCTAL", default_value = "0755")]
     dir_mode: Mode,
     /// Directory for the on-disk block cache (off when not given). Must not be shared by mounts.
@@ -179,6 +182,7 @@ impl MountArgs {
                     gid: self.gid.unwrap_or(gid),
                     file_mode: self.file_mode.0,
                     dir_mode: self.dir_mode.0,
+                    group_forced: self.gid.is_some(),
                 },
                 metadata_ttl: Duration::from_secs_f64(self.metadata_ttl),
                 write: WriteConfig {

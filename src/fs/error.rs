@@ -16,6 +16,8 @@ pub enum FsError {
     ObjectChanged,
     #[error("access denied by S3: {0}")]
     AccessDenied(String),
+    #[error("operation not permitted: {0}")]
+    NotPermitted(&'static str),
     #[error("invalid file handle")]
     BadHandle,
     #[error("operation not supported: {0}")]
@@ -47,6 +49,7 @@ impl FsError {
             FsError::ReadOnly => libc::EROFS,
             FsError::ObjectChanged => libc::ESTALE, // ETag no longer matches
             FsError::AccessDenied(_) => libc::EACCES,
+            FsError::NotPermitted(_) => libc::EPERM,
             FsError::BadHandle => libc::EBADF,
             FsError::NotSupported(_) => libc::ENOTSUP,
             FsError::NotEmpty => libc::ENOTEMPTY,
@@ -61,7 +64,10 @@ impl FsError {
 
     /// Expected misses are logged quietly; everything else at `warn`.
     pub fn is_expected(&self) -> bool {
-        matches!(self, FsError::NotFound | FsError::ReadOnly | FsError::NotDir | FsError::IsDir)
+        matches!(
+            self,
+            FsError::NotFound | FsError::ReadOnly | FsError::NotDir | FsError::IsDir | FsError::NotPermitted(_)
+        )
     }
 }
 

@@ -17,7 +17,7 @@ use tokio::runtime::Handle;
 use tracing::Instrument;
 
 use super::inode::Kind;
-use super::{Attr, FsError, REPORTED_BLOCK_SIZE, S3Fs, SetAttr};
+use super::{Attr, Caller, FsError, REPORTED_BLOCK_SIZE, S3Fs, SetAttr};
 use crate::s3::ObjectStore;
 
 /// Largest read/write the kernel sends us (needs FUSE_MAX_PAGES): 1 MiB, one cache block.
@@ -92,6 +92,10 @@ fn errno(op: &'static str, e: &FsError) -> i32 {
         tracing::warn!(op, error = %e, "operation failed");
     }
     e.errno()
+}
+
+fn caller(req: &Request<'_>) -> Caller {
+    Caller { uid: req.uid(), gid: req.gid() }
 }
 
 fn name_str(name: &OsStr) -> Option<String> {
@@ -237,7 +241,7 @@ impl<S: ObjectStore> Filesystem for FuseAdapter<S> {
 
     fn setattr(
         &mut self,
-        _req: &Request<'_>,
+        req: &Request<'_>,
         ino: u64,
         mode: Option<u32>,
         uid: Option<u32>,
@@ -254,6 +258,7 @@ impl<S: ObjectStore> Filesystem for FuseAdapter<S> {
         reply: ReplyAttr,
     ) {
         let fs = Arc::clone(&self.fs);
+        let caller = caller(req);
         let changes = SetAttr {
             size,
             mode: mode.map(|m| (m & 0o7777) as u16),
@@ -265,7 +270,7 @@ impl<S: ObjectStore> Filesystem for FuseAdapter<S> {
             }),
         };
         self.spawn("setattr", tracing::debug_span!("setattr", ino), async move {
-            match fs.setattr(ino, fh, changes).await {
+            match fs.setattr(caller, ino, fh, changes).await {
                 Ok(a) => reply.attr(&fs.ttl(), &file_attr(&a)),
                 Err(e) => reply.error(errno("setattr", &e)),
             }
@@ -285,11 +290,12 @@ impl<S: ObjectStore> Filesystem for FuseAdapter<S> {
         reply.error(errno("mknod", &self.fs.refuse("device nodes and FIFOs")));
     }
 
-    fn mkdir(&mut self, _req: &Request<'_>, parent: u64, name: &OsStr, mode: u32, umask: u32, reply: ReplyEntry) {
+    fn mkdir(&mut self, req: &Request<'_>, parent: u64, name: &OsStr, mode: u32, umask: u32, reply: ReplyEntry) {
         let fs = Arc::clone(&self.fs);
+        let caller = caller(req);
         let Some(name) = name_str(name) else { return reply.error(libc::EINVAL) };
         self.spawn("mkdir", tracing::debug_span!("mkdir", ino = parent, name = %name), async move {
-            match fs.mkdir(parent, &name, (mode & !umask & 0o7777) as u16).await {
+            match fs.mkdir(caller, parent, &name, (mode & !umask & 0o7777) as u16).await {
                 Ok(a) => reply.entry(&fs.ttl(), &file_attr(&a), 0),
                 Err(e) => reply.error(errno("mkdir", &e)),
             }
@@ -318,13 +324,14 @@ impl<S: ObjectStore> Filesystem for FuseAdapter<S> {
         });
     }
 
-    fn symlink(&mut self, _req: &Request<'_>, parent: u64, name: &OsStr, target: &Path, reply: ReplyEntry) {
+    fn symlink(&mut self, req: &Request<'_>, parent: u64, name: &OsStr, target: &Path, reply: ReplyEntry) {
         let fs = Arc::clone(&self.fs);
+        let caller = caller(req);
         let (Some(name), Some(target)) = (name_str(name), target.to_str().map(str::to_owned)) else {
             return reply.error(libc::EINVAL);
         };
         self.spawn("symlink", tracing::debug_span!("symlink", ino = parent, name = %name), async move {
-            match fs.symlink(parent, &name, &target).await {
+            match fs.symlink(caller, parent, &name, &target).await {
                 Ok(a) => reply.entry(&fs.ttl(), &file_attr(&a), 0),
                 Err(e) => reply.error(errno("symlink", &e)),
             }
@@ -413,7 +420,7 @@ impl<S: ObjectStore> Filesystem for FuseAdapter<S> {
 
     fn create(
         &mut self,
-        _req: &Request<'_>,
+        req: &Request<'_>,
         parent: u64,
         name: &OsStr,
         mode: u32,
@@ -422,9 +429,10 @@ impl<S: ObjectStore> Filesystem for FuseAdapter<S> {
         reply: ReplyCreate,
     ) {
         let fs = Arc::clone(&self.fs);
+        let caller = caller(req);
         let Some(name) = name_str(name) else { return reply.error(libc::EINVAL) };
         self.spawn("create", tracing::debug_span!("create", ino = parent, name = %name), async move {
-            match fs.create(parent, &name, (mode & !umask & 0o7777) as u16, flags).await {
+            match fs.create(caller, parent, &name, (mode & !umask & 0o7777) as u16, flags).await {
                 Ok((a, fh)) => reply.created(&fs.ttl(), &file_attr(&a), 0, fh, 0),
                 Err(e) => reply.error(errno("create", &e)),
             }

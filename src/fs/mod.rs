@@ -90,6 +90,29 @@ pub struct StatFs {
     pub namelen: u32,
 }
 
+/// The process making a request, as the kernel reports it (FUSE `uid`/`gid` of the caller).
+///
+/// New entries belong to the caller, as on a local filesystem; `setattr` checks it against the
+/// owner (the kernel checks too, with `default_permissions`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Caller {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+impl Caller {
+    /// root: may change any attribute.
+    pub const ROOT: Caller = Caller { uid: 0, gid: 0 };
+
+    fn is_root(&self) -> bool {
+        self.uid == 0
+    }
+}
+
+/// Set-group-ID bit: on a directory, new entries take the directory's group (and new
+/// directories the bit itself), as Linux does.
+const S_ISGID: u16 = 0o2000;
+
 /// Attribute changes from `setattr`.
 #[derive(Debug, Clone, Default)]
 pub struct SetAttr {
@@ -140,6 +163,24 @@ pub fn valid_name(name: &str) -> bool {
         && name != RESERVED_NAME
         && name.len() <= NAME_MAX
         && !name.contains(['/', '\0'])
+}
+
+/// User metadata that records an entry's stored attributes (mode, owner, group, type).
+fn ownership_metadata(stat: &Stat, kind: Kind) -> UserMetadata {
+    let mut m = UserMetadata::new();
+    if let Some(mode) = stat.mode {
+        m.insert(META_MODE.into(), format!("{mode:o}"));
+    }
+    if let Some(uid) = stat.uid {
+        m.insert(META_UID.into(), uid.to_string());
+    }
+    if let Some(gid) = stat.gid {
+        m.insert(META_GID.into(), gid.to_string());
+    }
+    if kind == Kind::Symlink {
+        m.insert(META_TYPE.into(), TYPE_SYMLINK.into());
+    }
+    m
 }
 
 fn stat_from_meta(meta: &ObjectMeta) -> Stat {
@@ -408,21 +449,31 @@ impl<S: ObjectStore> S3Fs<S> {
 
     /// Metadata that carries the inode's persisted attributes.
     fn metadata_of(&self, inode: &Inode) -> UserMetadata {
-        let stat = inode.stat();
-        let mut m = UserMetadata::new();
-        if let Some(mode) = stat.mode {
-            m.insert(META_MODE.into(), format!("{mode:o}"));
+        ownership_metadata(&inode.stat(), inode.kind)
+    }
+
+    /// Owner, group and mode of a new entry, as a local filesystem sets them: the caller owns
+    /// it; its group is the parent's when the parent is set-group-ID, else the volume's group
+    /// when one is forced (`--gid`, a pod's fsGroup), else the caller's; its mode is the
+    /// requested mode (the kernel's umask already applied), and a new directory inherits the
+    /// parent's set-group-ID bit. All three are stored with the object.
+    fn set_new_owner(&self, stat: &mut Stat, caller: Caller, parent: &Inode, kind: Kind, mode: u16) {
+        let own = &self.config.ownership;
+        let parent = self.attr(parent);
+        let gid = if parent.perm & S_ISGID != 0 {
+            parent.gid
+        } else if own.group_forced {
+            own.gid
+        } else {
+            caller.gid
+        };
+        let mut mode = mode & 0o7777;
+        if kind == Kind::Dir && parent.perm & S_ISGID != 0 {
+            mode |= S_ISGID;
         }
-        if let Some(uid) = stat.uid {
-            m.insert(META_UID.into(), uid.to_string());
-        }
-        if let Some(gid) = stat.gid {
-            m.insert(META_GID.into(), gid.to_string());
-        }
-        if inode.kind == Kind::Symlink {
-            m.insert(META_TYPE.into(), TYPE_SYMLINK.into());
-        }
-        m
+        stat.uid = Some(caller.uid);
+        stat.gid = Some(gid);
+        stat.mode = Some(mode);
     }
 
     /// Opens a file. Read-only opens always ask S3 for the current object, so a reopened file
@@ -452,7 +503,14 @@ impl<S: ObjectStore> S3Fs<S> {
     }
 
     /// Creates and opens a new file; it reaches S3 when first flushed or closed.
-    pub async fn create(&self, parent: u64, name: &str, mode: u16, flags: i32) -> Result<(Attr, u64), FsError> {
+    pub async fn create(
+        &self,
+        caller: Caller,
+        parent: u64,
+        name: &str,
+        mode: u16,
+        flags: i32,
+    ) -> Result<(Attr, u64), FsError> {
         self.check_writable()?;
         let dir = self.dir_inode(parent)?;
         self.check_new_name(&dir, name)?;
@@ -461,9 +519,7 @@ impl<S: ObjectStore> S3Fs<S> {
         }
         let mut stat = Stat::new(0, SystemTime::now());
         stat.from_head = true;
-        if mode & 0o7777 != self.config.ownership.file_mode {
-            stat.mode = Some(mode & 0o7777);
-        }
+        self.set_new_owner(&mut stat, caller, &dir, Kind::File, mode);
         let inode = self.inodes.upsert(&dir, name, Kind::File, stat, true);
         let state = OpenState::new_empty(self.metadata_of(&inode), true);
         if let Some(old) = inode.open.lock().unwrap().replace(Arc::clone(&state)) {
@@ -539,9 +595,10 @@ impl<S: ObjectStore> S3Fs<S> {
         result
     }
 
-    pub async fn setattr(&self, ino: u64, fh: Option<u64>, changes: SetAttr) -> Result<Attr, FsError> {
+    pub async fn setattr(&self, caller: Caller, ino: u64, fh: Option<u64>, changes: SetAttr) -> Result<Attr, FsError> {
         self.check_writable()?;
         let inode = self.inode(ino)?;
+        self.check_attr_change(caller, &inode, &changes)?;
         if let Some(size) = changes.size {
             if inode.kind == Kind::Dir {
                 return Err(FsError::IsDir);
@@ -588,6 +645,27 @@ impl<S: ObjectStore> S3Fs<S> {
             inode.set_stat(stat);
         }
         Ok(self.attr(&inode))
+    }
+
+    /// POSIX rules for `chmod`/`chown`/`utimes` (the kernel enforces them as well, since the
+    /// mount uses `default_permissions`): only root gives a file away; the owner (or root) may
+    /// change the mode, the group and set explicit times.
+    fn check_attr_change(&self, caller: Caller, inode: &Inode, changes: &SetAttr) -> Result<(), FsError> {
+        if caller.is_root() {
+            return Ok(());
+        }
+        let current = self.attr(inode);
+        let owner = caller.uid == current.uid;
+        if changes.uid.is_some_and(|uid| uid != current.uid) {
+            return Err(FsError::NotPermitted("only root may change a file's owner"));
+        }
+        // The kernel clears set-user-ID/set-group-ID on a write by another user (killpriv).
+        let only_clears_privs = changes.mode.is_some_and(|m| m == current.perm & !0o6000);
+        let mode_change = changes.mode.is_some() && !only_clears_privs;
+        if !owner && (mode_change || changes.gid.is_some_and(|g| g != current.gid)) {
+            return Err(FsError::NotPermitted("only the owner or root may change mode or group"));
+        }
+        Ok(())
     }
 
     /// Persists metadata: with the next commit of an open file, by a marker for a directory,
@@ -655,7 +733,7 @@ impl<S: ObjectStore> S3Fs<S> {
         Ok(())
     }
 
-    pub async fn mkdir(&self, parent: u64, name: &str, mode: u16) -> Result<Attr, FsError> {
+    pub async fn mkdir(&self, caller: Caller, parent: u64, name: &str, mode: u16) -> Result<Attr, FsError> {
         self.check_writable()?;
         let dir = self.dir_inode(parent)?;
         let key = self.check_new_name(&dir, name)?;
@@ -664,29 +742,26 @@ impl<S: ObjectStore> S3Fs<S> {
         }
         let mut stat = Self::dir_stat();
         stat.from_head = true;
-        let mut metadata = UserMetadata::new();
-        if mode & 0o7777 != self.config.ownership.dir_mode {
-            stat.mode = Some(mode & 0o7777);
-            metadata.insert(META_MODE.into(), format!("{:o}", mode & 0o7777));
-        }
+        self.set_new_owner(&mut stat, caller, &dir, Kind::Dir, mode);
+        let metadata = ownership_metadata(&stat, Kind::Dir);
         self.store.put_object(&format!("{key}/"), Bytes::new(), &metadata).await?;
         let inode = self.inodes.upsert(&dir, name, Kind::Dir, stat, true);
         Ok(self.attr(&inode))
     }
 
-    pub async fn symlink(&self, parent: u64, name: &str, target: &str) -> Result<Attr, FsError> {
+    pub async fn symlink(&self, caller: Caller, parent: u64, name: &str, target: &str) -> Result<Attr, FsError> {
         self.check_writable()?;
         let dir = self.dir_inode(parent)?;
         let key = self.check_new_name(&dir, name)?;
         if self.resolve(&dir, name, false).await.is_ok() {
             return Err(FsError::Exists);
         }
-        let mut metadata = UserMetadata::new();
-        metadata.insert(META_TYPE.into(), TYPE_SYMLINK.into());
-        let etag = self.store.put_object(&key, Bytes::copy_from_slice(target.as_bytes()), &metadata).await?;
         let mut stat = Stat::new(target.len() as u64, SystemTime::now());
-        stat.etag = Some(etag);
         stat.from_head = true;
+        self.set_new_owner(&mut stat, caller, &dir, Kind::Symlink, 0o777);
+        let metadata = ownership_metadata(&stat, Kind::Symlink);
+        let etag = self.store.put_object(&key, Bytes::copy_from_slice(target.as_bytes()), &metadata).await?;
+        stat.etag = Some(etag);
         let inode = self.inodes.upsert(&dir, name, Kind::Symlink, stat, true);
         Ok(self.attr(&inode))
     }
@@ -952,11 +1027,18 @@ mod tests {
     use crate::config::{Ownership, Prefix};
     use crate::s3::fake::FakeStore;
 
+    const ROOT: Caller = Caller::ROOT;
+
     fn fs_with(store: Arc<FakeStore>, prefix: &str, ttl: Duration) -> S3Fs<FakeStore> {
+        let own = Ownership { uid: 7, gid: 8, file_mode: 0o640, dir_mode: 0o750, group_forced: false };
+        fs_owned(store, prefix, ttl, own)
+    }
+
+    fn fs_owned(store: Arc<FakeStore>, prefix: &str, ttl: Duration, own: Ownership) -> S3Fs<FakeStore> {
         let config = FsConfig {
             prefix: prefix.parse::<Prefix>().unwrap(),
             read_only: false,
-            ownership: Ownership { uid: 7, gid: 8, file_mode: 0o640, dir_mode: 0o750 },
+            ownership: own,
             metadata_ttl: ttl,
             write: test_write_config(),
         };
@@ -1102,7 +1184,7 @@ mod tests {
         fs.config.read_only = true;
         let f = fs.lookup(ROOT_INO, "f").await.unwrap();
         assert_eq!(fs.open(f.ino, libc::O_WRONLY).await.err().unwrap().errno(), libc::EROFS);
-        assert_eq!(fs.mkdir(ROOT_INO, "d", 0o755).await.err().unwrap().errno(), libc::EROFS);
+        assert_eq!(fs.mkdir(ROOT, ROOT_INO, "d", 0o755).await.err().unwrap().errno(), libc::EROFS);
     }
 
     #[test]
@@ -1128,7 +1210,7 @@ mod tests {
     }
 
     async fn write_file(fs: &S3Fs<FakeStore>, name: &str, data: &[u8], chunk: usize) -> u64 {
-        let (attr, fh) = fs.create(ROOT_INO, name, 0o644, libc::O_WRONLY).await.unwrap();
+        let (attr, fh) = fs.create(ROOT, ROOT_INO, name, 0o644, libc::O_WRONLY).await.unwrap();
         for (i, c) in data.chunks(chunk).enumerate() {
             fs.write(fh, (i * chunk) as u64, c).await.unwrap();
         }
@@ -1154,7 +1236,7 @@ mod tests {
     async fn failed_upload_is_an_error_and_leaves_nothing() {
         let store = Arc::new(FakeStore::new("b"));
         let fs = fs_with(Arc::clone(&store), "", Duration::from_secs(60));
-        let (_, fh) = fs.create(ROOT_INO, "f", 0o644, libc::O_WRONLY).await.unwrap();
+        let (_, fh) = fs.create(ROOT, ROOT_INO, "f", 0o644, libc::O_WRONLY).await.unwrap();
         store.fail_puts.store(1000, Ordering::Relaxed);
         let data = pattern(12 << 20, 2);
         let mut failed = false;
@@ -1188,7 +1270,7 @@ mod tests {
         same(&store.data("f").unwrap(), &model);
         assert!(store.parts_copied.load(Ordering::Relaxed) >= 2, "unchanged parts copied server side");
         assert!(fs.staging_used_bytes() == 0, "staging freed after commit");
-        fs.setattr(f.ino, Some(fh), SetAttr { size: Some(100), ..Default::default() }).await.unwrap();
+        fs.setattr(ROOT, f.ino, Some(fh), SetAttr { size: Some(100), ..Default::default() }).await.unwrap();
         fs.write(fh, 200, b"hole").await.unwrap();
         model.truncate(100);
         model.resize(200, 0);
@@ -1215,10 +1297,10 @@ mod tests {
     async fn namespace_operations() {
         let store = Arc::new(FakeStore::new("b"));
         let fs = fs_with(Arc::clone(&store), "", Duration::from_secs(60));
-        let d = fs.mkdir(ROOT_INO, "d", 0o700).await.unwrap();
+        let d = fs.mkdir(ROOT, ROOT_INO, "d", 0o700).await.unwrap();
         assert!(store.data("d/").is_some(), "marker object");
-        assert_eq!(fs.mkdir(ROOT_INO, "d", 0o755).await.unwrap_err().errno(), libc::EEXIST);
-        let (_, fh) = fs.create(d.ino, "f", 0o644, libc::O_WRONLY).await.unwrap();
+        assert_eq!(fs.mkdir(ROOT, ROOT_INO, "d", 0o755).await.unwrap_err().errno(), libc::EEXIST);
+        let (_, fh) = fs.create(ROOT, d.ino, "f", 0o644, libc::O_WRONLY).await.unwrap();
         assert_eq!(names(&fs, d.ino).await, ["f"], "uncommitted file is listed");
         fs.write(fh, 0, b"x").await.unwrap();
         fs.release(fh).await.unwrap();
@@ -1236,6 +1318,84 @@ mod tests {
         assert!(store.keys().is_empty());
     }
 
+    const POD: Caller = Caller { uid: 1000, gid: 3000 };
+    const OTHER: Caller = Caller { uid: 1001, gid: 3000 };
+
+    fn meta_of(store: &FakeStore, key: &str) -> UserMetadata {
+        store.metadata(key).unwrap_or_else(|| panic!("{key} is in the store"))
+    }
+
+    #[tokio::test]
+    async fn new_entries_belong_to_the_caller_and_persist() {
+        let store = Arc::new(FakeStore::new("b"));
+        let fs = fs_with(Arc::clone(&store), "", Duration::from_secs(60));
+        let (f, fh) = fs.create(POD, ROOT_INO, "f", 0o644, libc::O_WRONLY).await.unwrap();
+        fs.write(fh, 0, b"x").await.unwrap();
+        fs.release(fh).await.unwrap();
+        assert_eq!((f.uid, f.gid, f.perm), (1000, 3000, 0o644));
+        let d = fs.mkdir(POD, ROOT_INO, "d", 0o700).await.unwrap();
+        assert_eq!((d.uid, d.gid, d.perm), (1000, 3000, 0o700));
+        let l = fs.symlink(POD, ROOT_INO, "l", "f").await.unwrap();
+        assert_eq!((l.uid, l.gid, l.perm), (1000, 3000, 0o777));
+        for (key, mode) in [("f", "644"), ("d/", "700"), ("l", "777")] {
+            let m = meta_of(&store, key);
+            assert_eq!(m.get(META_UID).map(String::as_str), Some("1000"), "{key}");
+            assert_eq!(m.get(META_GID).map(String::as_str), Some("3000"), "{key}");
+            assert_eq!(m.get(META_MODE).map(String::as_str), Some(mode), "{key}");
+        }
+        // A fresh mount sees the same owners; objects from other clients keep the defaults.
+        store.put("foreign", b"y".to_vec());
+        let fs2 = fs_with(Arc::clone(&store), "", Duration::from_secs(60));
+        for name in ["f", "d", "l"] {
+            let a = fs2.lookup(ROOT_INO, name).await.unwrap();
+            assert_eq!((a.uid, a.gid), (1000, 3000), "{name}");
+        }
+        let a = fs2.lookup(ROOT_INO, "foreign").await.unwrap();
+        assert_eq!((a.uid, a.gid, a.perm), (7, 8, 0o640));
+    }
+
+    #[tokio::test]
+    async fn a_forced_group_or_a_setgid_parent_sets_the_group() {
+        let store = Arc::new(FakeStore::new("b"));
+        // fsGroup 2000: the volume's group, set-group-ID directories (what kubelet prepares).
+        let own = Ownership { uid: 0, gid: 2000, file_mode: 0o664, dir_mode: 0o2775, group_forced: true };
+        let fs = fs_owned(Arc::clone(&store), "", Duration::from_secs(60), own);
+        let (f, fh) = fs.create(POD, ROOT_INO, "f", 0o644, libc::O_WRONLY).await.unwrap();
+        fs.release(fh).await.unwrap();
+        assert_eq!((f.uid, f.gid, f.perm), (1000, 2000, 0o644));
+        let d = fs.mkdir(POD, ROOT_INO, "d", 0o755).await.unwrap();
+        assert_eq!((d.uid, d.gid, d.perm), (1000, 2000, 0o2755), "new directories inherit set-group-ID");
+        let (g, fh) = fs.create(OTHER, d.ino, "g", 0o600, libc::O_WRONLY).await.unwrap();
+        fs.release(fh).await.unwrap();
+        assert_eq!((g.uid, g.gid, g.perm), (1001, 2000, 0o600));
+
+        // No forced group: the caller's group, unless the parent is set-group-ID.
+        let own = Ownership { uid: 0, gid: 0, file_mode: 0o644, dir_mode: 0o777, group_forced: false };
+        let fs = fs_owned(Arc::clone(&store), "", Duration::from_secs(60), own);
+        let plain = fs.mkdir(POD, ROOT_INO, "plain", 0o775).await.unwrap();
+        assert_eq!((plain.gid, plain.perm), (3000, 0o775));
+        fs.setattr(POD, plain.ino, None, SetAttr { mode: Some(0o2775), ..Default::default() }).await.unwrap();
+        let sub = fs.mkdir(OTHER, plain.ino, "sub", 0o700).await.unwrap();
+        assert_eq!((sub.uid, sub.gid, sub.perm), (1001, 3000, 0o2700));
+    }
+
+    #[tokio::test]
+    async fn only_the_owner_changes_modes_and_only_root_gives_files_away() {
+        let store = Arc::new(FakeStore::new("b"));
+        let fs = fs_with(Arc::clone(&store), "", Duration::from_secs(60));
+        let (f, fh) = fs.create(POD, ROOT_INO, "f", 0o644, libc::O_WRONLY).await.unwrap();
+        fs.release(fh).await.unwrap();
+        let chmod = |m| SetAttr { mode: Some(m), ..Default::default() };
+        let err = fs.setattr(OTHER, f.ino, None, chmod(0o600)).await.unwrap_err();
+        assert_eq!(err.errno(), libc::EPERM);
+        assert_eq!(fs.setattr(POD, f.ino, None, chmod(0o600)).await.unwrap().perm, 0o600);
+        let chown = SetAttr { uid: Some(1001), ..Default::default() };
+        assert_eq!(fs.setattr(POD, f.ino, None, chown.clone()).await.unwrap_err().errno(), libc::EPERM);
+        assert_eq!(fs.setattr(ROOT, f.ino, None, chown).await.unwrap().uid, 1001);
+        let m = meta_of(&store, "f");
+        assert_eq!((m.get(META_UID).unwrap().as_str(), m.get(META_MODE).unwrap().as_str()), ("1001", "600"));
+    }
+
     #[tokio::test]
     async fn attributes_and_symlinks_persist_in_metadata() {
         let store = Arc::new(FakeStore::new("b"));
@@ -1243,12 +1403,12 @@ mod tests {
         let ino = write_file(&fs, "f", b"data", 10).await;
         let t = SystemTime::UNIX_EPOCH + Duration::new(1_000_000, 5);
         let changes = SetAttr { mode: Some(0o600), uid: Some(42), mtime: Some(t), ..Default::default() };
-        fs.setattr(ino, None, changes).await.unwrap();
-        fs.symlink(ROOT_INO, "l", "f").await.unwrap();
+        fs.setattr(ROOT, ino, None, changes).await.unwrap();
+        fs.symlink(ROOT, ROOT_INO, "l", "f").await.unwrap();
         // A fresh mount sees the same attributes.
         let fs2 = fs_with(Arc::clone(&store), "", Duration::from_secs(60));
         let f = fs2.lookup(ROOT_INO, "f").await.unwrap();
-        assert_eq!((f.perm, f.uid, f.gid, f.mtime), (0o600, 42, 8, t));
+        assert_eq!((f.perm, f.uid, f.gid, f.mtime), (0o600, 42, 0, t), "created by root: root's group");
         let l = fs2.lookup(ROOT_INO, "l").await.unwrap();
         assert_eq!(l.kind, Kind::Symlink);
         assert_eq!(&fs2.readlink(l.ino).await.unwrap()[..], b"f");
@@ -1271,7 +1431,7 @@ mod tests {
     async fn rename_while_open_keeps_writing_under_the_new_name() {
         let store = Arc::new(FakeStore::new("b"));
         let fs = fs_with(Arc::clone(&store), "", Duration::from_secs(60));
-        let (attr, fh) = fs.create(ROOT_INO, "a", 0o644, libc::O_RDWR).await.unwrap();
+        let (attr, fh) = fs.create(ROOT, ROOT_INO, "a", 0o644, libc::O_RDWR).await.unwrap();
         fs.write(fh, 0, b"hello world").await.unwrap();
         fs.rename(ROOT_INO, "a", ROOT_INO, "b", 0).await.unwrap();
         fs.write(fh, 6, b"there").await.unwrap();
