@@ -29,10 +29,16 @@ use super::volume::{MountOptions, VolumeId};
 use super::{CsiConfig, CsiError, KeyLocks, Secrets, rpc};
 use crate::config::S3Config;
 use crate::mount::supervisor::{MountSpec, MountSupervisor, SpawnError, is_mount_process};
-use crate::mount::{MountState, Mounter, SystemMounter};
+use crate::mount::{MountEntry, MountState, Mounter, SystemMounter};
 
-/// The filesystem type our FUSE mounts show in mountinfo.
-const FUSE_FSTYPE: &str = "fuse.s3csi";
+/// Filesystem types our FUSE mounts show in mountinfo: `fuse` when mounted directly by root (the
+/// kernel keeps no subtype then), `fuse.s3csi` through fusermount3. The source, `s3csi:<bucket>`,
+/// tells ours from other FUSE filesystems.
+const FUSE_FSTYPES: [&str; 2] = ["fuse", "fuse.s3csi"];
+
+fn is_our_type(entry: &MountEntry) -> bool {
+    FUSE_FSTYPES.contains(&entry.fstype.as_str()) && entry.source.starts_with("s3csi:")
+}
 
 pub struct NodeService {
     node_id: String,
@@ -45,6 +51,40 @@ pub struct NodeService {
 
 fn required<'a>(value: &'a str, name: &str) -> Result<&'a str, CsiError> {
     if value.is_empty() { Err(CsiError::InvalidArgument(format!("{name} is required"))) } else { Ok(value) }
+}
+
+/// A staging or target path from the CO: absolute, with no `.`, `..` or empty components
+/// (kubelet sends exactly such paths). Returned in canonical spelling (no trailing `/`), the
+/// form mountinfo shows and the state directory records.
+fn absolute_path(value: &str, name: &str) -> Result<PathBuf, CsiError> {
+    use std::path::Component;
+    required(value, name)?;
+    let path = Path::new(value);
+    let mut clean = PathBuf::from("/");
+    let mut parts = 0;
+    for c in path.components() {
+        match c {
+            Component::RootDir => {}
+            Component::Normal(part) => {
+                clean.push(part);
+                parts += 1;
+            }
+            _ => {
+                return Err(CsiError::InvalidArgument(format!(
+                    "{name} {value:?} must be an absolute path without '.' or '..' components"
+                )));
+            }
+        }
+    }
+    if !path.is_absolute() || parts == 0 {
+        return Err(CsiError::InvalidArgument(format!("{name} {value:?} must be an absolute path below /")));
+    }
+    Ok(clean)
+}
+
+/// Whether `path` itself is a symbolic link (never followed by the node service).
+fn is_symlink(path: &Path) -> bool {
+    std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink())
 }
 
 fn internal(what: impl std::fmt::Display) -> CsiError {
@@ -74,22 +114,43 @@ fn essential_args(args: &[String]) -> (Option<&str>, bool) {
     (prefix, args.iter().any(|a| a == "--read-only"))
 }
 
-/// Creates `path` as a directory if missing; returns whether it was created.
+/// Creates `path` as a directory if missing; returns whether it was created. A symbolic link
+/// in the last component is refused, never followed.
 fn ensure_dir(path: &Path) -> Result<bool, CsiError> {
-    match std::fs::metadata(path) {
+    let not_dir = |what: &str| {
+        CsiError::FailedPrecondition(format!(
+            "{} {what}; s3csi mounts only onto a directory and never follows a symbolic link there",
+            path.display()
+        ))
+    };
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_symlink() => Err(not_dir("is a symbolic link")),
         Ok(m) if m.is_dir() => Ok(false),
-        Ok(_) => Err(CsiError::FailedPrecondition(format!("{} exists and is not a directory", path.display()))),
+        Ok(_) => Err(not_dir("exists and is not a directory")),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            std::fs::create_dir_all(path).map_err(|e| internal(format!("cannot create {}: {e}", path.display())))?;
-            Ok(true)
+            if let Some(parent) = path.parent() {
+                std::fs::create_dir_all(parent)
+                    .map_err(|e| internal(format!("cannot create {}: {e}", parent.display())))?;
+            }
+            match std::fs::create_dir(path) {
+                Ok(()) => Ok(true),
+                // Created meanwhile (a retried call): check what it is.
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => ensure_dir(path),
+                Err(e) => Err(internal(format!("cannot create {}: {e}", path.display()))),
+            }
         }
         // A dead mount is dealt with by the caller before this.
         Err(e) => Err(internal(format!("cannot access {}: {e}", path.display()))),
     }
 }
 
-/// Removes an empty directory; anything else is left alone with a warning.
+/// Removes an empty directory; anything else (a symbolic link, a file, a mount point, a
+/// directory with entries) is left alone with a warning.
 fn remove_dir(path: &Path) {
+    if is_symlink(path) {
+        tracing::warn!(path = %path.display(), "a symbolic link, not a directory of ours; leaving it");
+        return;
+    }
     match std::fs::remove_dir(path) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -139,8 +200,45 @@ impl NodeService {
 
     /// Detaches a dead mount at `path` so it can be mounted again.
     fn clear_dead(&self, path: &Path) -> Result<(), CsiError> {
-        tracing::warn!(path = %path.display(), "found a dead mount (transport endpoint is not connected); detaching it");
+        tracing::warn!(
+            path = %path.display(),
+            "found a dead mount (its FUSE process is gone or does not answer); detaching it"
+        );
         self.mounter.unmount(path).map_err(internal)
+    }
+
+    /// Whether a mount is ours for volume `id`: our FUSE type and source, and when the volume's
+    /// staging mount is known, the same filesystem (a bind mount of it shows the same device).
+    fn is_ours(&self, entry: &MountEntry, id: &VolumeId, staging: Option<&Path>) -> bool {
+        if !is_our_type(entry) || entry.source != format!("s3csi:{}", id.bucket) {
+            return false;
+        }
+        match staging.and_then(|s| self.mounter.state(s).entry().cloned()) {
+            Some(staged) if is_our_type(&staged) => staged.device == entry.device,
+            _ => true,
+        }
+    }
+
+    /// Unmounts what is mounted at `path` while it is ours (binds may be stacked by retries);
+    /// anything else is left mounted with a warning. Returns whether `path` is free of mounts.
+    fn unmount_ours(&self, path: &Path, id: Option<&VolumeId>, staging: Option<&Path>) -> Result<bool, CsiError> {
+        // Enough for binds stacked by retries; a loop that makes no progress ends here.
+        const MAX_STACKED: usize = 16;
+        for _ in 0..MAX_STACKED {
+            let state = self.mounter.state(path);
+            let Some(entry) = state.entry() else { return Ok(true) };
+            if !id.is_some_and(|id| self.is_ours(entry, id, staging)) {
+                tracing::warn!(
+                    path = %path.display(),
+                    fstype = entry.fstype,
+                    source = entry.source,
+                    "not a mount of this volume; left alone"
+                );
+                return Ok(false);
+            }
+            self.mounter.unmount(path).map_err(internal)?;
+        }
+        Err(internal(format!("{} is still mounted after {MAX_STACKED} unmounts", path.display())))
     }
 
     /// The `s3csi mount` command line and environment for a volume.
@@ -194,7 +292,7 @@ impl NodeService {
 
     async fn stage(&self, req: NodeStageVolumeRequest) -> Result<NodeStageVolumeResponse, CsiError> {
         required(&req.volume_id, "volume_id")?;
-        required(&req.staging_target_path, "staging_target_path")?;
+        let staging = absolute_path(&req.staging_target_path, "staging_target_path")?;
         let cap = req
             .volume_capability
             .as_ref()
@@ -204,7 +302,6 @@ impl NodeService {
         let (flags, group) = mount_parts(cap);
         let mut options = MountOptions::build(&req.volume_context, flags, group).map_err(CsiError::InvalidArgument)?;
         options.read_only |= reader_only(cap);
-        let staging = PathBuf::from(&req.staging_target_path);
         let secrets = Secrets::new(req.secrets);
         let spec = self.mount_spec(&id, &staging, &options, &secrets)?;
         let stem = id.file_stem();
@@ -218,7 +315,9 @@ impl NodeService {
                 )));
             }
             match self.mounter.state(&staging) {
-                MountState::Healthy { .. } if essential_args(&old.mount_args) == essential_args(&spec.args) => {
+                MountState::Healthy(e)
+                    if self.is_ours(&e, &id, None) && essential_args(&old.mount_args) == essential_args(&spec.args) =>
+                {
                     if old.mount_args != spec.args {
                         // Tuning options (cache sizes, TTL, modes) or a newer driver's extra
                         // flags: the live mount keeps serving; they apply at the next staging.
@@ -226,13 +325,29 @@ impl NodeService {
                     }
                     return Ok(NodeStageVolumeResponse {});
                 }
-                MountState::Healthy { .. } => {
+                MountState::Healthy(e) if self.is_ours(&e, &id, None) => {
                     return Err(CsiError::AlreadyExists(format!(
                         "volume {id} is already staged at {} with a different prefix or read-only setting",
                         staging.display()
                     )));
                 }
-                MountState::Dead => self.clear_dead(&staging)?,
+                MountState::Healthy(e) => {
+                    return Err(CsiError::AlreadyExists(format!(
+                        "staging path {} has a {} mount of {}, not volume {id}",
+                        staging.display(),
+                        e.fstype,
+                        e.source
+                    )));
+                }
+                MountState::Dead(e) if self.is_ours(&e, &id, None) => self.clear_dead(&staging)?,
+                MountState::Dead(e) => {
+                    return Err(CsiError::FailedPrecondition(format!(
+                        "staging path {} has a dead {} mount of {} that is not ours; unmount it",
+                        staging.display(),
+                        e.fstype,
+                        e.source
+                    )));
+                }
                 MountState::NotMounted => {}
             }
             if old.pid != 0 {
@@ -241,9 +356,7 @@ impl NodeService {
             }
         } else {
             match self.mounter.state(&staging) {
-                MountState::Healthy { source, fstype }
-                    if fstype == FUSE_FSTYPE && source == format!("s3csi:{}", id.bucket) =>
-                {
+                MountState::Healthy(e) if self.is_ours(&e, &id, None) => {
                     // Staged by an instance whose state was lost: adopt the live mount.
                     let pid = find_mount_process(&staging);
                     tracing::warn!(volume = %id, pid, "adopting a live mount that has no state record");
@@ -258,13 +371,23 @@ impl NodeService {
                     self.state.save(&stem, &v).map_err(internal)?;
                     return Ok(NodeStageVolumeResponse {});
                 }
-                MountState::Healthy { source, fstype } => {
+                MountState::Healthy(e) => {
                     return Err(CsiError::AlreadyExists(format!(
-                        "staging path {} already has a {fstype} mount of {source}",
-                        staging.display()
+                        "staging path {} already has a {} mount of {}",
+                        staging.display(),
+                        e.fstype,
+                        e.source
                     )));
                 }
-                MountState::Dead => self.clear_dead(&staging)?,
+                MountState::Dead(e) if self.is_ours(&e, &id, None) => self.clear_dead(&staging)?,
+                MountState::Dead(e) => {
+                    return Err(CsiError::FailedPrecondition(format!(
+                        "staging path {} has a dead {} mount of {} that is not ours; unmount it",
+                        staging.display(),
+                        e.fstype,
+                        e.source
+                    )));
+                }
                 MountState::NotMounted => {}
             }
         }
@@ -304,17 +427,17 @@ impl NodeService {
 
     async fn unstage(&self, req: NodeUnstageVolumeRequest) -> Result<NodeUnstageVolumeResponse, CsiError> {
         required(&req.volume_id, "volume_id")?;
-        required(&req.staging_target_path, "staging_target_path")?;
-        let staging = PathBuf::from(&req.staging_target_path);
-        let stem = req.volume_id.parse::<VolumeId>().map(|id| id.file_stem()).ok();
+        let staging = absolute_path(&req.staging_target_path, "staging_target_path")?;
+        let id = req.volume_id.parse::<VolumeId>().ok();
+        let stem = id.as_ref().map(VolumeId::file_stem);
         let _guard = self.locks.lock(&req.volume_id).await;
         let record = match &stem {
             Some(stem) => self.state.load(stem).map_err(internal)?.filter(|v| v.staging_path == staging),
             None => None,
         };
-        if let Some(v) = &record {
+        if let (Some(v), Some(id)) = (&record, &id) {
             for target in v.targets.keys() {
-                if self.mounter.state(target) != MountState::NotMounted {
+                if self.mounter.state(target).entry().is_some_and(|e| self.is_ours(e, id, None)) {
                     return Err(CsiError::FailedPrecondition(format!(
                         "volume {} is still published at {}; unpublish it first",
                         req.volume_id,
@@ -323,12 +446,10 @@ impl NodeService {
                 }
             }
         }
-        match self.mounter.state(&staging) {
-            MountState::NotMounted => {}
-            MountState::Healthy { fstype, source } if record.is_none() && fstype != FUSE_FSTYPE => {
-                tracing::warn!(staging = %staging.display(), fstype, source, "not our mount; left alone");
-            }
-            _ => self.mounter.unmount(&staging).map_err(internal)?,
+        if is_symlink(&staging) {
+            tracing::warn!(staging = %staging.display(), "staging path is a symbolic link, not ours; left alone");
+        } else {
+            self.unmount_ours(&staging, id.as_ref(), None)?;
         }
         let Some(v) = record else { return Ok(NodeUnstageVolumeResponse {}) };
         let pid = if v.pid != 0 { v.pid } else { find_mount_process(&staging) };
@@ -348,7 +469,7 @@ impl NodeService {
 
     async fn publish(&self, req: NodePublishVolumeRequest) -> Result<NodePublishVolumeResponse, CsiError> {
         required(&req.volume_id, "volume_id")?;
-        required(&req.target_path, "target_path")?;
+        let target = absolute_path(&req.target_path, "target_path")?;
         let cap = req
             .volume_capability
             .as_ref()
@@ -358,11 +479,10 @@ impl NodeService {
                 "staging_target_path is required: volumes must be staged (NodeStageVolume) before publishing".into(),
             ));
         }
+        let staging = absolute_path(&req.staging_target_path, "staging_target_path")?;
         check_capability(cap)?;
         let id: VolumeId = req.volume_id.parse().map_err(CsiError::NotFound)?;
         let stem = id.file_stem();
-        let target = PathBuf::from(&req.target_path);
-        let staging = PathBuf::from(&req.staging_target_path);
         let read_only = req.readonly || reader_only(cap);
         let _guard = self.locks.lock(&req.volume_id).await;
         let Some(mut v) = self.state.load(&stem).map_err(internal)?.filter(|v| v.staging_path == staging) else {
@@ -371,7 +491,7 @@ impl NodeService {
                 staging.display()
             )));
         };
-        if !matches!(self.mounter.state(&staging), MountState::Healthy { .. }) {
+        if !matches!(self.mounter.state(&staging), MountState::Healthy(e) if self.is_ours(&e, &id, None)) {
             return Err(CsiError::FailedPrecondition(format!(
                 "the staging mount of volume {id} at {} is gone (its mount process died; see {}); \
                  unstage and stage the volume again",
@@ -380,8 +500,9 @@ impl NodeService {
             )));
         }
         match self.mounter.state(&target) {
-            MountState::Healthy { .. } => {
-                return match v.targets.get(&target) {
+            MountState::Healthy(e) => {
+                let ours = self.is_ours(&e, &id, Some(&staging));
+                return match v.targets.get(&target).filter(|_| ours) {
                     Some(t) if t.read_only == read_only => Ok(NodePublishVolumeResponse {}),
                     Some(_) => Err(CsiError::AlreadyExists(format!(
                         "volume {id} is already published at {} with a different read-only setting",
@@ -393,7 +514,17 @@ impl NodeService {
                     ))),
                 };
             }
-            MountState::Dead => self.clear_dead(&target)?,
+            // A dead bind of an earlier staging mount has that mount's device: type and source
+            // identify it.
+            MountState::Dead(e) if self.is_ours(&e, &id, None) => self.clear_dead(&target)?,
+            MountState::Dead(e) => {
+                return Err(CsiError::FailedPrecondition(format!(
+                    "target path {} has a dead {} mount of {} that is not ours; unmount it",
+                    target.display(),
+                    e.fstype,
+                    e.source
+                )));
+            }
             MountState::NotMounted => {}
         }
         let created = ensure_dir(&target)?;
@@ -415,16 +546,26 @@ impl NodeService {
 
     async fn unpublish(&self, req: NodeUnpublishVolumeRequest) -> Result<NodeUnpublishVolumeResponse, CsiError> {
         required(&req.volume_id, "volume_id")?;
-        required(&req.target_path, "target_path")?;
-        let target = PathBuf::from(&req.target_path);
-        let stem = req.volume_id.parse::<VolumeId>().map(|id| id.file_stem()).ok();
+        let target = absolute_path(&req.target_path, "target_path")?;
+        let id = req.volume_id.parse::<VolumeId>().ok();
+        let stem = id.as_ref().map(VolumeId::file_stem);
         let _guard = self.locks.lock(&req.volume_id).await;
-        if self.mounter.state(&target) != MountState::NotMounted {
-            self.mounter.unmount(&target).map_err(internal)?;
+        let record = match &stem {
+            Some(stem) => self.state.load(stem).map_err(internal)?,
+            None => None,
+        };
+        if is_symlink(&target) {
+            tracing::warn!(target = %target.display(), "target path is a symbolic link, not ours; left alone");
+        } else {
+            // A target we published may be a bind of an earlier staging mount (device differs):
+            // type and source identify it. Otherwise it must be a bind of the staging mount.
+            let staging =
+                record.as_ref().filter(|v| !v.targets.contains_key(&target)).map(|v| v.staging_path.as_path());
+            if self.unmount_ours(&target, id.as_ref(), staging)? {
+                remove_dir(&target);
+            }
         }
-        remove_dir(&target);
-        if let Some(stem) = stem
-            && let Some(mut v) = self.state.load(&stem).map_err(internal)?
+        if let (Some(stem), Some(mut v)) = (stem, record)
             && v.targets.remove(&target).is_some()
         {
             self.state.save(&stem, &v).map_err(internal)?;
@@ -434,8 +575,7 @@ impl NodeService {
 
     fn stats(&self, req: NodeGetVolumeStatsRequest) -> Result<NodeGetVolumeStatsResponse, CsiError> {
         required(&req.volume_id, "volume_id")?;
-        required(&req.volume_path, "volume_path")?;
-        let path = PathBuf::from(&req.volume_path);
+        let path = absolute_path(&req.volume_path, "volume_path")?;
         let not_ours =
             || CsiError::NotFound(format!("{} is not a path of volume {} on this node", path.display(), req.volume_id));
         let id: VolumeId = req.volume_id.parse().map_err(|_| not_ours())?;
