@@ -16,6 +16,8 @@
 
 #![allow(dead_code)]
 
+pub mod driver;
+
 use std::ffi::OsString;
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
@@ -404,6 +406,21 @@ impl S3Server {
                 .unwrap_or_else(|e| panic!("GetObject {bucket}/{key}: {}", DisplayErrorContext(e)));
             let body = out.body.collect().await.unwrap_or_else(|e| panic!("GetObject {bucket}/{key} body: {e}"));
             body.into_bytes().to_vec()
+        })
+    }
+
+    /// The user metadata of an object (`x-amz-meta-*`, names without the prefix).
+    pub fn user_metadata(&self, bucket: &str, key: &str) -> std::collections::HashMap<String, String> {
+        self.runtime.block_on(async {
+            let out = self
+                .client
+                .head_object()
+                .bucket(bucket)
+                .key(key)
+                .send()
+                .await
+                .unwrap_or_else(|e| panic!("HeadObject {bucket}/{key}: {}", DisplayErrorContext(e)));
+            out.metadata.unwrap_or_default()
         })
     }
 
