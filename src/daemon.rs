@@ -166,6 +166,9 @@ pub fn run_foreground(config: MountConfig, notify_ready: bool) -> anyhow::Result
         anyhow::anyhow!("cannot prepare the staging directory {}: {e}", config.fs.write.staging_dir.display())
     })?;
     let fs = Arc::new(fs);
+    if !config.fs.read_only {
+        rt.block_on(fs.check_directory_markers());
+    }
     let adapter = FuseAdapter::new(fs, rt.handle().clone());
 
     let mut options = vec![

@@ -60,7 +60,7 @@ fn file_attr(a: &Attr) -> FileAttr {
         ino: a.ino,
         size: a.size,
         blocks: a.size.div_ceil(u64::from(REPORTED_BLOCK_SIZE)) * u64::from(REPORTED_BLOCK_SIZE / 512),
-        atime: a.mtime,
+        atime: a.atime,
         mtime: a.mtime,
         ctime: a.mtime,
         crtime: a.mtime,
@@ -92,6 +92,13 @@ fn errno(op: &'static str, e: &FsError) -> i32 {
         tracing::warn!(op, error = %e, "operation failed");
     }
     e.errno()
+}
+
+fn time_or_now(t: TimeOrNow) -> SystemTime {
+    match t {
+        TimeOrNow::SpecificTime(t) => t,
+        TimeOrNow::Now => SystemTime::now(),
+    }
 }
 
 fn caller(req: &Request<'_>) -> Caller {
@@ -247,7 +254,7 @@ impl<S: ObjectStore> Filesystem for FuseAdapter<S> {
         uid: Option<u32>,
         gid: Option<u32>,
         size: Option<u64>,
-        _atime: Option<TimeOrNow>,
+        atime: Option<TimeOrNow>,
         mtime: Option<TimeOrNow>,
         _ctime: Option<SystemTime>,
         fh: Option<u64>,
@@ -264,10 +271,8 @@ impl<S: ObjectStore> Filesystem for FuseAdapter<S> {
             mode: mode.map(|m| (m & 0o7777) as u16),
             uid,
             gid,
-            mtime: mtime.map(|t| match t {
-                TimeOrNow::SpecificTime(t) => t,
-                TimeOrNow::Now => SystemTime::now(),
-            }),
+            mtime: mtime.map(time_or_now),
+            atime: atime.map(time_or_now),
         };
         self.spawn("setattr", tracing::debug_span!("setattr", ino), async move {
             match fs.setattr(caller, ino, fh, changes).await {

@@ -13,6 +13,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime};
 
+use super::attrs::StoredAttrs;
 use super::write::OpenState;
 
 pub const ROOT_INO: u64 = 1;
@@ -31,26 +32,15 @@ pub struct Stat {
     pub mtime: SystemTime,
     pub etag: Option<String>,
     pub validated_at: Instant,
-    /// Mode, owner and group stored in the object's metadata (None: mount defaults).
-    pub mode: Option<u16>,
-    pub uid: Option<u32>,
-    pub gid: Option<u32>,
+    /// Attributes stored in the object's metadata (unset ones: mount defaults).
+    pub attrs: StoredAttrs,
     /// Whether this came from HEAD (metadata known) rather than a listing.
     pub from_head: bool,
 }
 
 impl Stat {
     pub fn new(size: u64, mtime: SystemTime) -> Self {
-        Stat {
-            size,
-            mtime,
-            etag: None,
-            validated_at: Instant::now(),
-            mode: None,
-            uid: None,
-            gid: None,
-            from_head: false,
-        }
+        Stat { size, mtime, etag: None, validated_at: Instant::now(), attrs: StoredAttrs::default(), from_head: false }
     }
 }
 
@@ -63,6 +53,9 @@ pub struct Inode {
     lookups: Mutex<u64>,
     /// Dirty or open-for-write state, shared by every handle that writes this file.
     pub open: Mutex<Option<Arc<OpenState>>>,
+    /// A directory made here that S3 cannot hold (the server stores no marker objects): it
+    /// exists in this mount only, until keys under it make it real.
+    pub local_dir: std::sync::atomic::AtomicBool,
 }
 
 impl Inode {
@@ -109,6 +102,7 @@ impl InodeTable {
             stat: Mutex::new(Stat::new(0, SystemTime::now())),
             lookups: Mutex::new(1),
             open: Mutex::new(None),
+            local_dir: Default::default(),
         });
         let mut tables = Tables { next_ino: ROOT_INO + 1, ..Default::default() };
         tables.by_ino.insert(ROOT_INO, root);
@@ -154,14 +148,17 @@ impl InodeTable {
         t.by_name.get(&(parent, name.to_owned())).and_then(|ino| t.by_ino.get(ino)).cloned()
     }
 
-    /// Children of `parent` that have local state not yet in S3 (files being written).
+    /// Children of `parent` that exist here but not (yet) in S3: files being written, and
+    /// directories on a server without marker objects.
     pub fn pending_children(&self, parent: u64) -> Vec<Arc<Inode>> {
         let t = self.tables.lock().unwrap();
         t.by_name
             .iter()
             .filter(|((p, _), _)| *p == parent)
             .filter_map(|(_, ino)| t.by_ino.get(ino))
-            .filter(|i| i.open_state().is_some_and(|s| s.is_pending()))
+            .filter(|i| {
+                i.open_state().is_some_and(|s| s.is_pending()) || i.local_dir.load(std::sync::atomic::Ordering::Relaxed)
+            })
             .cloned()
             .collect()
     }
@@ -189,6 +186,7 @@ impl InodeTable {
             stat: Mutex::new(stat),
             lookups: Mutex::new(u64::from(lookup)),
             open: Mutex::new(None),
+            local_dir: Default::default(),
         });
         t.by_ino.insert(ino, Arc::clone(&inode));
         t.by_name.insert((parent.ino, name.to_owned()), ino);

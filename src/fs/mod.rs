@@ -9,6 +9,7 @@
 //!   segments (`a//b`), `.`, `..`, names longer than 255 bytes, names containing NUL.
 //! - Metadata is cached for `metadata_ttl`; `open` always asks S3 for the current object.
 
+pub mod attrs;
 pub mod error;
 pub mod fuse;
 pub mod inode;
@@ -49,13 +50,8 @@ const COPY_PART_SIZE: u64 = 512 << 20;
 /// Objects copied or deleted at once when renaming a directory.
 const RENAME_CONCURRENCY: usize = 16;
 
-/// User-metadata names (after `x-amz-meta-`) where file attributes persist.
-pub const META_MODE: &str = "s3csi-mode";
-pub const META_UID: &str = "s3csi-uid";
-pub const META_GID: &str = "s3csi-gid";
-pub const META_MTIME: &str = "s3csi-mtime";
-pub const META_TYPE: &str = "s3csi-type";
-const TYPE_SYMLINK: &str = "symlink";
+use attrs::TYPE_SYMLINK;
+pub use attrs::{META_ATIME, META_GID, META_MODE, META_MTIME, META_TYPE, META_UID, StoredAttrs};
 
 /// Attributes of one inode, as reported to the kernel.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -64,6 +60,7 @@ pub struct Attr {
     pub kind: Kind,
     pub size: u64,
     pub mtime: SystemTime,
+    pub atime: SystemTime,
     pub perm: u16,
     pub uid: u32,
     pub gid: u32,
@@ -121,6 +118,7 @@ pub struct SetAttr {
     pub uid: Option<u32>,
     pub gid: Option<u32>,
     pub mtime: Option<SystemTime>,
+    pub atime: Option<SystemTime>,
 }
 
 struct FileHandle {
@@ -149,11 +147,24 @@ pub struct S3Fs<S> {
     next_fh: AtomicU64,
     max_window: u64,
     copy_object_max: u64,
+    /// When the mount started: the stable mtime of directories without stored attributes.
+    started: SystemTime,
+    /// Whether the server stores directory marker objects (`dir/`); see
+    /// [`S3Fs::check_directory_markers`].
+    markers: std::sync::atomic::AtomicBool,
 }
 
 /// Name of the marker object the CSI controller writes at the root of each volume it creates
 /// (see `csi::volume`). It is hidden from every listing and cannot be looked up or created.
 pub const RESERVED_NAME: &str = ".s3csi-volume";
+
+/// A random number for probe object names (not security relevant).
+fn rand_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_nanos());
+    h.finish()
+}
 
 /// Whether `name` can be a file name; keys whose segment fails this are not shown.
 pub fn valid_name(name: &str) -> bool {
@@ -165,33 +176,15 @@ pub fn valid_name(name: &str) -> bool {
         && !name.contains(['/', '\0'])
 }
 
-/// User metadata that records an entry's stored attributes (mode, owner, group, type).
-fn ownership_metadata(stat: &Stat, kind: Kind) -> UserMetadata {
-    let mut m = UserMetadata::new();
-    if let Some(mode) = stat.mode {
-        m.insert(META_MODE.into(), format!("{mode:o}"));
-    }
-    if let Some(uid) = stat.uid {
-        m.insert(META_UID.into(), uid.to_string());
-    }
-    if let Some(gid) = stat.gid {
-        m.insert(META_GID.into(), gid.to_string());
-    }
-    if kind == Kind::Symlink {
-        m.insert(META_TYPE.into(), TYPE_SYMLINK.into());
-    }
-    m
-}
-
+/// What S3 says about an object: from a HEAD (with metadata) or a listing (without). The mtime
+/// is the stored one when there is one, else S3's Last-Modified.
 fn stat_from_meta(meta: &ObjectMeta) -> Stat {
     let mut stat = Stat::new(meta.size, meta.last_modified);
     stat.etag = meta.etag.clone();
     if let Some(m) = &meta.user_metadata {
         stat.from_head = true;
-        stat.mode = m.get(META_MODE).and_then(|v| u16::from_str_radix(v, 8).ok()).map(|v| v & 0o7777);
-        stat.uid = m.get(META_UID).and_then(|v| v.parse().ok());
-        stat.gid = m.get(META_GID).and_then(|v| v.parse().ok());
-        if let Some(t) = m.get(META_MTIME).and_then(|v| parse_time(v)) {
+        stat.attrs = StoredAttrs::decode(m);
+        if let Some(t) = stat.attrs.mtime {
             stat.mtime = t;
         }
     }
@@ -203,17 +196,6 @@ fn kind_from_meta(meta: &ObjectMeta) -> Kind {
         Some(t) if t == TYPE_SYMLINK => Kind::Symlink,
         _ => Kind::File,
     }
-}
-
-fn parse_time(v: &str) -> Option<SystemTime> {
-    let (secs, nanos) = v.split_once('.').unwrap_or((v, "0"));
-    let d = Duration::new(secs.parse().ok()?, nanos.parse().ok()?);
-    Some(SystemTime::UNIX_EPOCH + d)
-}
-
-fn format_time(t: SystemTime) -> String {
-    let d = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
-    format!("{}.{}", d.as_secs(), d.subsec_nanos())
 }
 
 impl<S: ObjectStore> S3Fs<S> {
@@ -233,7 +215,43 @@ impl<S: ObjectStore> S3Fs<S> {
             next_fh: AtomicU64::new(1),
             max_window,
             copy_object_max: COPY_OBJECT_MAX,
+            started: SystemTime::now(),
+            markers: std::sync::atomic::AtomicBool::new(true),
         })
+    }
+
+    /// Checks once, at mount time, that the server keeps an empty directory marker object: it
+    /// writes `<root>.s3csi-probe-<random>/`, lists it back and deletes it. A server that does
+    /// not (s3s-fs stores keys as files) gets one clear warning, and `mkdir` then makes
+    /// directories that live in this mount only, instead of markers the server cannot serve.
+    /// Returns whether markers work. Writable mounts only.
+    pub async fn check_directory_markers(&self) -> bool {
+        let key = format!("{}.s3csi-probe-{:016x}/", self.config.prefix.as_str(), rand_u64());
+        let stored = match self.store.put_object(&key, Bytes::new(), &UserMetadata::new()).await {
+            Ok(_) => match self.store.list_page(&key, None, None, Some(1)).await {
+                Ok(page) => page.objects.iter().any(|o| o.key == key),
+                Err(e) => {
+                    tracing::debug!(error = %e, "cannot list the directory marker probe");
+                    false
+                }
+            },
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot write the directory marker probe");
+                false
+            }
+        };
+        if let Err(e) = self.store.delete_object(&key).await {
+            tracing::warn!(key, error = %e, "cannot delete the directory marker probe; delete it by hand");
+        }
+        if !stored {
+            tracing::warn!(
+                "this S3 server does not keep empty directory marker objects (a PUT of {key:?} is not listed \
+                 back): directories made with mkdir exist only in this mount until files are written in them; \
+                 use a server that stores markers (AWS S3, MinIO, moto) to keep empty directories"
+            );
+        }
+        self.markers.store(stored, Ordering::Relaxed);
+        stored
     }
 
     pub fn ttl(&self) -> Duration {
@@ -255,10 +273,10 @@ impl<S: ObjectStore> S3Fs<S> {
     fn attr(&self, inode: &Inode) -> Attr {
         let stat = inode.stat();
         let own = &self.config.ownership;
-        let size = match (inode.kind, inode.open_state()) {
-            (Kind::Dir, _) => 0,
-            (_, Some(state)) => state.size(),
-            (_, None) => stat.size,
+        let (size, mtime) = match (inode.kind, inode.open_state()) {
+            (Kind::Dir, _) => (0, stat.mtime),
+            (_, Some(state)) => (state.size(), state.mtime()),
+            (_, None) => (stat.size, stat.mtime),
         };
         let (default_perm, nlink) = match inode.kind {
             Kind::Dir => (own.dir_mode, 2),
@@ -269,10 +287,11 @@ impl<S: ObjectStore> S3Fs<S> {
             ino: inode.ino,
             kind: inode.kind,
             size,
-            mtime: stat.mtime,
-            perm: stat.mode.unwrap_or(default_perm),
-            uid: stat.uid.unwrap_or(own.uid),
-            gid: stat.gid.unwrap_or(own.gid),
+            mtime,
+            atime: stat.attrs.atime.unwrap_or(mtime),
+            perm: stat.attrs.mode.unwrap_or(default_perm),
+            uid: stat.attrs.uid.unwrap_or(own.uid),
+            gid: stat.attrs.gid.unwrap_or(own.gid),
             nlink,
         }
     }
@@ -309,8 +328,10 @@ impl<S: ObjectStore> S3Fs<S> {
         Ok(key[..key.len() - 1].to_owned())
     }
 
-    fn dir_stat() -> Stat {
-        Stat::new(0, SystemTime::now())
+    /// A directory without stored attributes (implied by keys under it, or a marker written by
+    /// another client): its mtime is the mount's start time, stable for the life of the mount.
+    fn dir_stat(&self) -> Stat {
+        Stat::new(0, self.started)
     }
 
     /// Asks S3 what `dir_key + name` is: a directory (wins), a file or symlink, or nothing.
@@ -330,12 +351,15 @@ impl<S: ObjectStore> S3Fs<S> {
             }
         };
         if !list.objects.is_empty() || !list.common_prefixes.is_empty() {
-            let mut stat = Self::dir_stat();
+            let mut stat = self.dir_stat();
+            // S3 has been asked: what it said about the attributes is settled for the TTL.
+            stat.from_head = true;
             if let Some(marker) = list.objects.iter().find(|o| o.key == dir_prefix)
                 && let Ok(meta) = self.store.head_object(&marker.key).await
             {
+                // A marker's Last-Modified is as stable as a stored mtime.
                 let m = stat_from_meta(&meta);
-                (stat.mode, stat.uid, stat.gid, stat.from_head) = (m.mode, m.uid, m.gid, true);
+                (stat.attrs, stat.mtime) = (m.attrs, m.mtime);
             }
             return Ok(Some((Kind::Dir, stat)));
         }
@@ -358,7 +382,8 @@ impl<S: ObjectStore> S3Fs<S> {
         if let Some(child) = self.inodes.child(dir.ino, name) {
             let stat = child.stat();
             let pending = child.open_state().is_some_and(|s| s.is_pending());
-            if pending || (self.fresh(&stat) && (stat.from_head || child.kind == Kind::Dir)) {
+            let local = child.local_dir.load(Ordering::Relaxed);
+            if pending || local || (self.fresh(&stat) && stat.from_head) {
                 return Ok(self.inodes.upsert(dir, name, child.kind, stat, lookup));
             }
             if self.fresh(&stat) && child.kind == Kind::File {
@@ -436,20 +461,14 @@ impl<S: ObjectStore> S3Fs<S> {
             return Ok(state);
         }
         let state = if truncate {
-            let metadata = self.metadata_of(inode);
-            OpenState::new_empty(metadata, false)
+            OpenState::new_empty(inode.stat().attrs, false)
         } else {
             let meta = self.head(inode).await?;
-            let metadata = meta.user_metadata.clone().unwrap_or_default();
-            OpenState::from_object(Arc::new(ObjectId::from_meta(&meta)), meta.size, metadata)
+            let stat = stat_from_meta(&meta);
+            OpenState::from_object(Arc::new(ObjectId::from_meta(&meta)), meta.size, stat.attrs, stat.mtime)
         };
         let mut slot = inode.open.lock().unwrap();
         Ok(Arc::clone(slot.get_or_insert(state)))
-    }
-
-    /// Metadata that carries the inode's persisted attributes.
-    fn metadata_of(&self, inode: &Inode) -> UserMetadata {
-        ownership_metadata(&inode.stat(), inode.kind)
     }
 
     /// Owner, group and mode of a new entry, as a local filesystem sets them: the caller owns
@@ -471,9 +490,13 @@ impl<S: ObjectStore> S3Fs<S> {
         if kind == Kind::Dir && parent.perm & S_ISGID != 0 {
             mode |= S_ISGID;
         }
-        stat.uid = Some(caller.uid);
-        stat.gid = Some(gid);
-        stat.mode = Some(mode);
+        stat.attrs.uid = Some(caller.uid);
+        stat.attrs.gid = Some(gid);
+        stat.attrs.mode = Some(mode);
+        stat.attrs.symlink = kind == Kind::Symlink;
+        // Stored with the object, so the mtime never changes by itself (S3's Last-Modified has
+        // whole seconds and is the upload's time, not the mount's).
+        stat.attrs.mtime = Some(stat.mtime);
     }
 
     /// Opens a file. Read-only opens always ask S3 for the current object, so a reopened file
@@ -521,7 +544,7 @@ impl<S: ObjectStore> S3Fs<S> {
         stat.from_head = true;
         self.set_new_owner(&mut stat, caller, &dir, Kind::File, mode);
         let inode = self.inodes.upsert(&dir, name, Kind::File, stat, true);
-        let state = OpenState::new_empty(self.metadata_of(&inode), true);
+        let state = OpenState::new_empty(inode.stat().attrs, true);
         if let Some(old) = inode.open.lock().unwrap().replace(Arc::clone(&state)) {
             old.mark_unlinked();
         }
@@ -566,11 +589,13 @@ impl<S: ObjectStore> S3Fs<S> {
 
     async fn commit(&self, inode: &Inode, state: &OpenState) -> Result<(), FsError> {
         let key = self.inodes.key(inode);
-        if let Some(object) = state.commit(&self.writes, &key).await? {
+        if let Some((object, attrs)) = state.commit(&self.writes, &key).await? {
             let mut stat = inode.stat();
             stat.size = state.size();
             stat.etag = Some(object.version.clone());
-            stat.mtime = SystemTime::now();
+            stat.mtime = attrs.mtime.unwrap_or_else(|| state.mtime());
+            stat.attrs = attrs;
+            stat.from_head = true;
             stat.validated_at = Instant::now();
             inode.set_stat(stat);
         }
@@ -622,29 +647,65 @@ impl<S: ObjectStore> S3Fs<S> {
                 }
             }
         }
-        if changes.mode.is_some() || changes.uid.is_some() || changes.gid.is_some() || changes.mtime.is_some() {
-            let mut stat = inode.stat();
-            if let Some(mode) = changes.mode {
-                stat.mode = Some(mode & 0o7777);
-            }
-            stat.uid = changes.uid.or(stat.uid);
-            stat.gid = changes.gid.or(stat.gid);
-            if let Some(t) = changes.mtime {
-                stat.mtime = t;
-            }
-            let previous = inode.stat();
-            inode.set_stat(stat.clone());
-            let mut metadata = self.metadata_of(&inode);
-            if changes.mtime.is_some() {
-                metadata.insert(META_MTIME.into(), format_time(stat.mtime));
-            }
-            if let Err(e) = self.store_metadata(&inode, metadata).await {
-                inode.set_stat(previous);
-                return Err(e);
-            }
-            inode.set_stat(stat);
+        let attrs_change =
+            changes.mode.is_some() || changes.uid.is_some() || changes.gid.is_some() || changes.mtime.is_some();
+        if attrs_change || changes.atime.is_some() {
+            self.store_attrs(&inode, &changes).await?;
         }
         Ok(self.attr(&inode))
+    }
+
+    /// Applies `chmod`/`chown`/`utimes` and stores the result, starting from everything stored,
+    /// so no other attribute changes: mode and owner changes keep the mtime; only `utimes`
+    /// sets it. The root's attributes live in memory (it has no object of its own); an open
+    /// file stores them with its next commit; a directory in its marker object; any other
+    /// object by copying it onto itself with the new metadata.
+    async fn store_attrs(&self, inode: &Inode, changes: &SetAttr) -> Result<(), FsError> {
+        let apply = |a: &mut StoredAttrs| {
+            if let Some(mode) = changes.mode {
+                a.mode = Some(mode & 0o7777);
+            }
+            a.uid = changes.uid.or(a.uid);
+            a.gid = changes.gid.or(a.gid);
+            a.atime = changes.atime.or(a.atime);
+        };
+        if inode.ino == ROOT_INO {
+            let mut stat = inode.stat();
+            apply(&mut stat.attrs);
+            stat.mtime = changes.mtime.unwrap_or(stat.mtime);
+            inode.set_stat(stat);
+            return Ok(());
+        }
+        if let Some(state) = inode.open_state() {
+            state.update_attrs(apply, changes.mtime).await;
+            let mut stat = inode.stat();
+            stat.attrs = state.attrs().await;
+            inode.set_stat(stat);
+            return Ok(());
+        }
+        let key = self.inodes.key(inode);
+        let (mut stat, source) = if inode.kind == Kind::Dir {
+            (inode.stat(), None)
+        } else {
+            // The current object: its metadata is the base, its ETag the copy source.
+            let meta = self.head(inode).await?;
+            (stat_from_meta(&meta), Some((ObjectId::from_meta(&meta), meta.size)))
+        };
+        apply(&mut stat.attrs);
+        stat.mtime = changes.mtime.unwrap_or(stat.mtime);
+        // Pin the mtime: the rewrite gives the object a new Last-Modified.
+        stat.attrs.mtime = Some(stat.mtime);
+        let metadata = stat.attrs.encode();
+        match source {
+            None => {
+                self.store.put_object(&key, Bytes::new(), &metadata).await?;
+            }
+            Some((object, size)) => self.copy_any(&object, size, &key, Some(&metadata)).await?,
+        }
+        stat.from_head = true;
+        stat.validated_at = Instant::now();
+        inode.set_stat(stat);
+        Ok(())
     }
 
     /// POSIX rules for `chmod`/`chown`/`utimes` (the kernel enforces them as well, since the
@@ -666,25 +727,6 @@ impl<S: ObjectStore> S3Fs<S> {
             return Err(FsError::NotPermitted("only the owner or root may change mode or group"));
         }
         Ok(())
-    }
-
-    /// Persists metadata: with the next commit of an open file, by a marker for a directory,
-    /// or by copying the object onto itself.
-    async fn store_metadata(&self, inode: &Inode, metadata: UserMetadata) -> Result<(), FsError> {
-        let key = self.inodes.key(inode);
-        if let Some(state) = inode.open_state() {
-            state.update_metadata(|m| *m = metadata).await;
-            return Ok(());
-        }
-        if inode.kind == Kind::Dir {
-            if inode.ino == ROOT_INO {
-                return Err(FsError::NotSupported("changing attributes of the mount root"));
-            }
-            self.store.put_object(&key, Bytes::new(), &metadata).await?;
-            return Ok(());
-        }
-        let meta = self.store.head_object(&key).await?;
-        self.copy_any(&ObjectId::from_meta(&meta), meta.size, &key, Some(&metadata)).await
     }
 
     /// Server-side copy of any size: CopyObject up to 5 GiB, a multipart copy above.
@@ -740,12 +782,16 @@ impl<S: ObjectStore> S3Fs<S> {
         if self.resolve(&dir, name, false).await.is_ok() {
             return Err(FsError::Exists);
         }
-        let mut stat = Self::dir_stat();
+        let mut stat = Stat::new(0, SystemTime::now());
         stat.from_head = true;
         self.set_new_owner(&mut stat, caller, &dir, Kind::Dir, mode);
-        let metadata = ownership_metadata(&stat, Kind::Dir);
-        self.store.put_object(&format!("{key}/"), Bytes::new(), &metadata).await?;
+        let metadata = stat.attrs.encode();
+        let markers = self.markers.load(Ordering::Relaxed);
+        if markers {
+            self.store.put_object(&format!("{key}/"), Bytes::new(), &metadata).await?;
+        }
         let inode = self.inodes.upsert(&dir, name, Kind::Dir, stat, true);
+        inode.local_dir.store(!markers, Ordering::Relaxed);
         Ok(self.attr(&inode))
     }
 
@@ -759,7 +805,7 @@ impl<S: ObjectStore> S3Fs<S> {
         let mut stat = Stat::new(target.len() as u64, SystemTime::now());
         stat.from_head = true;
         self.set_new_owner(&mut stat, caller, &dir, Kind::Symlink, 0o777);
-        let metadata = ownership_metadata(&stat, Kind::Symlink);
+        let metadata = stat.attrs.encode();
         let etag = self.store.put_object(&key, Bytes::copy_from_slice(target.as_bytes()), &metadata).await?;
         stat.etag = Some(etag);
         let inode = self.inodes.upsert(&dir, name, Kind::Symlink, stat, true);
@@ -980,7 +1026,16 @@ impl<S: ObjectStore> S3Fs<S> {
                     existing
                 }
                 (Some(existing), None) if existing.kind == kind || kind != Kind::Dir => existing,
-                (_, stat) => self.inodes.upsert(dir, &name, kind, stat.unwrap_or_else(Self::dir_stat), false),
+                (_, stat) => {
+                    // A directory from a listing: its attributes come from a lookup (from_head
+                    // stays false), its mtime is stable until then.
+                    let stat = stat.unwrap_or_else(|| {
+                        let mut s = self.dir_stat();
+                        s.from_head = false;
+                        s
+                    });
+                    self.inodes.upsert(dir, &name, kind, stat, false)
+                }
             };
             entries.push(DirEntry { ino: inode.ino, name, kind: inode.kind });
         }
@@ -1394,6 +1449,78 @@ mod tests {
         assert_eq!(fs.setattr(ROOT, f.ino, None, chown).await.unwrap().uid, 1001);
         let m = meta_of(&store, "f");
         assert_eq!((m.get(META_UID).unwrap().as_str(), m.get(META_MODE).unwrap().as_str()), ("1001", "600"));
+    }
+
+    #[tokio::test]
+    async fn chmod_and_chown_keep_the_mtime_and_everything_else_stored() {
+        let store = Arc::new(FakeStore::new("b"));
+        let fs = fs_with(Arc::clone(&store), "", Duration::from_secs(60));
+        // An object from another client with its own metadata, and no stored mtime.
+        store.put_with_metadata("f", b"data".to_vec(), [("team".to_owned(), "a".to_owned())].into());
+        let f = fs.lookup(ROOT_INO, "f").await.unwrap();
+        let uploaded = f.mtime;
+        std::thread::sleep(Duration::from_millis(20));
+        let a = fs.setattr(ROOT, f.ino, None, SetAttr { mode: Some(0o600), ..Default::default() }).await.unwrap();
+        assert_eq!(a.mtime, uploaded, "chmod does not move mtime");
+        let t = SystemTime::UNIX_EPOCH + Duration::new(981_173_106, 42);
+        fs.setattr(ROOT, f.ino, None, SetAttr { mtime: Some(t), atime: Some(t), ..Default::default() }).await.unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        let a =
+            fs.setattr(ROOT, f.ino, None, SetAttr { uid: Some(5), gid: Some(6), ..Default::default() }).await.unwrap();
+        assert_eq!((a.mtime, a.atime, a.perm, a.uid, a.gid), (t, t, 0o600, 5, 6));
+        let m = meta_of(&store, "f");
+        assert_eq!(m.get(META_MTIME).map(String::as_str), Some("981173106.42"));
+        assert_eq!(m.get("team").map(String::as_str), Some("a"), "other tools' metadata survives");
+        let fs2 = fs_with(Arc::clone(&store), "", Duration::from_secs(60));
+        let again = fs2.lookup(ROOT_INO, "f").await.unwrap();
+        assert_eq!((again.mtime, again.perm, again.uid, again.gid), (t, 0o600, 5, 6));
+    }
+
+    #[tokio::test]
+    async fn a_written_file_keeps_one_mtime_to_the_nanosecond() {
+        let store = Arc::new(FakeStore::new("b"));
+        let fs = fs_with(Arc::clone(&store), "", Duration::from_millis(1));
+        let ino = write_file(&fs, "f", b"content", 3).await;
+        let first = fs.getattr(ino).await.unwrap().mtime;
+        std::thread::sleep(Duration::from_millis(10));
+        // After the TTL the attributes come from S3 again: the same instant.
+        assert_eq!(fs.getattr(ino).await.unwrap().mtime, first);
+        let fs2 = fs_with(Arc::clone(&store), "", Duration::from_secs(60));
+        assert_eq!(fs2.lookup(ROOT_INO, "f").await.unwrap().mtime, first);
+        // New data moves it; a utimes while open is kept, a later write replaces it.
+        let fh = fs.open(ino, libc::O_WRONLY).await.unwrap();
+        let t = SystemTime::UNIX_EPOCH + Duration::new(1_000, 1);
+        fs.setattr(ROOT, ino, Some(fh), SetAttr { mtime: Some(t), ..Default::default() }).await.unwrap();
+        fs.release(fh).await.unwrap();
+        assert_eq!(fs2.getattr(fs2.lookup(ROOT_INO, "f").await.unwrap().ino).await.unwrap().mtime, first, "cached");
+        let fs3 = fs_with(Arc::clone(&store), "", Duration::from_secs(60));
+        assert_eq!(fs3.lookup(ROOT_INO, "f").await.unwrap().mtime, t);
+        let fh = fs.open(ino, libc::O_WRONLY).await.unwrap();
+        fs.write(fh, 0, b"C").await.unwrap();
+        fs.release(fh).await.unwrap();
+        let after = fs.getattr(ino).await.unwrap().mtime;
+        assert!(after > first, "a write sets mtime to now");
+        let fs4 = fs_with(Arc::clone(&store), "", Duration::from_secs(60));
+        assert_eq!(fs4.lookup(ROOT_INO, "f").await.unwrap().mtime, after);
+    }
+
+    #[tokio::test]
+    async fn directories_have_stable_times_and_the_root_accepts_attribute_changes() {
+        let store = Arc::new(FakeStore::new("b"));
+        store.put("implied/x", b"x".to_vec());
+        let fs = fs_with(Arc::clone(&store), "", Duration::from_millis(1));
+        let a = fs.lookup(ROOT_INO, "implied").await.unwrap();
+        std::thread::sleep(Duration::from_millis(10));
+        assert_eq!(fs.lookup(ROOT_INO, "implied").await.unwrap().mtime, a.mtime);
+        let d = fs.mkdir(ROOT, ROOT_INO, "made", 0o755).await.unwrap();
+        std::thread::sleep(Duration::from_millis(10));
+        assert_eq!(fs.lookup(ROOT_INO, "made").await.unwrap().mtime, d.mtime, "the marker stores it");
+        // The root (no object of its own) keeps mode, owner and times in memory.
+        let t = SystemTime::UNIX_EPOCH + Duration::new(7, 7);
+        let changes = SetAttr { mode: Some(0o700), uid: Some(3), gid: Some(4), mtime: Some(t), ..Default::default() };
+        let r = fs.setattr(ROOT, ROOT_INO, None, changes).await.unwrap();
+        assert_eq!((r.perm, r.uid, r.gid, r.mtime), (0o700, 3, 4, t));
+        assert_eq!(fs.getattr(ROOT_INO).await.unwrap().mtime, t);
     }
 
     #[tokio::test]

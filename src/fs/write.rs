@@ -15,6 +15,12 @@
 //!
 //! A streaming file that sees a non-sequential write, a truncate or a read first commits what it
 //! has (the bytes written so far become visible to other clients), then continues staged.
+//!
+//! Times: the file's mtime is the time of its last data change (write, truncate) or the time a
+//! `utimes` set, whichever came last. Every upload stores the mtime the file has when the upload
+//! begins, and after a commit the file reports exactly the stored value, so its mtime never
+//! changes by itself afterwards. (A streamed multipart upload begins with its first part: the
+//! stored mtime is that moment, unless a `utimes` came later, which is then stored too.)
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -23,14 +29,16 @@ use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
 
 use bytes::{Bytes, BytesMut};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
 use super::FsError;
+use super::attrs::StoredAttrs;
 use super::prefetch::Fetcher;
-use crate::s3::{CompletedPart, ObjectId, ObjectStore, S3Error, UserMetadata};
+use crate::s3::{CompletedPart, ObjectId, ObjectStore, S3Error};
 
 const MIB: u64 = 1 << 20;
 /// S3's limit on parts per upload.
@@ -224,6 +232,8 @@ impl<S: ObjectStore> WriteCtx<S> {
 struct Streamer {
     buf: BytesMut,
     upload_id: Option<String>,
+    /// The attributes (with mtime) stored when the multipart upload began.
+    sent: Option<StoredAttrs>,
     next_part: i32,
     tasks: JoinSet<Result<CompletedPart, S3Error>>,
     done: Vec<CompletedPart>,
@@ -247,8 +257,13 @@ enum Body {
 pub struct OpenFile {
     size: u64,
     dirty: bool,
-    /// Metadata to store with the next commit (mode, owner, symlink marker).
-    pub metadata: UserMetadata,
+    /// Attributes to store with the next commit (mode, owner, symlink marker, other metadata);
+    /// the mtime stored is `mtime`.
+    attrs: StoredAttrs,
+    /// The modification time the mount reports for this file.
+    mtime: SystemTime,
+    /// `mtime` was set by `utimes` after the last data change.
+    mtime_explicit: bool,
     body: Body,
     /// Set when an upload failed: every later write and commit fails until the file is
     /// truncated to zero, so a failed file is never replaced by a partial or empty object.
@@ -264,6 +279,8 @@ pub struct OpenState {
     unlinked: AtomicBool,
     pub file: tokio::sync::Mutex<OpenFile>,
     last_error: Mutex<Option<String>>,
+    /// `OpenFile::mtime`, readable without waiting for an upload in progress.
+    mtime: Mutex<SystemTime>,
 }
 
 impl std::fmt::Debug for OpenState {
@@ -276,8 +293,9 @@ impl std::fmt::Debug for OpenState {
 }
 
 impl OpenState {
-    /// A new, empty file (create, or open with O_TRUNC).
-    pub fn new_empty(metadata: UserMetadata, pending: bool) -> Arc<Self> {
+    /// A new, empty file (create, or open with O_TRUNC); its mtime is now.
+    pub fn new_empty(attrs: StoredAttrs, pending: bool) -> Arc<Self> {
+        let mtime = SystemTime::now();
         Arc::new(OpenState {
             size: AtomicU64::new(0),
             writers: AtomicU64::new(0),
@@ -286,16 +304,20 @@ impl OpenState {
             file: tokio::sync::Mutex::new(OpenFile {
                 size: 0,
                 dirty: true,
-                metadata,
+                attrs,
+                mtime,
+                mtime_explicit: false,
                 body: Body::Streaming(Streamer::new()),
                 failed: None,
             }),
             last_error: Mutex::new(None),
+            mtime: Mutex::new(mtime),
         })
     }
 
-    /// An existing object opened for writing without truncation.
-    pub fn from_object(object: Arc<ObjectId>, size: u64, metadata: UserMetadata) -> Arc<Self> {
+    /// An existing object opened for writing without truncation, with its stored attributes and
+    /// the mtime the mount reports for it.
+    pub fn from_object(object: Arc<ObjectId>, size: u64, attrs: StoredAttrs, mtime: SystemTime) -> Arc<Self> {
         Arc::new(OpenState {
             size: AtomicU64::new(size),
             writers: AtomicU64::new(0),
@@ -304,7 +326,9 @@ impl OpenState {
             file: tokio::sync::Mutex::new(OpenFile {
                 size,
                 dirty: false,
-                metadata,
+                attrs,
+                mtime,
+                mtime_explicit: false,
                 body: Body::Staged(Staged {
                     file: None,
                     local: RangeSet::default(),
@@ -314,6 +338,7 @@ impl OpenState {
                 failed: None,
             }),
             last_error: Mutex::new(None),
+            mtime: Mutex::new(mtime),
         })
     }
 
@@ -354,8 +379,14 @@ impl OpenState {
         self.last_error.lock().unwrap().clone()
     }
 
+    /// The modification time the mount reports for the file.
+    pub fn mtime(&self) -> SystemTime {
+        *self.mtime.lock().unwrap()
+    }
+
     fn publish(&self, f: &OpenFile) {
         self.size.store(f.size, Ordering::Relaxed);
+        *self.mtime.lock().unwrap() = f.mtime;
     }
 
     /// Writes `data` at `offset`.
@@ -396,8 +427,9 @@ impl OpenState {
 
     pub async fn truncate<S: ObjectStore>(&self, ctx: &WriteCtx<S>, key: &str, size: u64) -> Result<(), FsError> {
         let mut f = self.file.lock().await;
-        f.metadata.remove(super::META_MTIME);
+        f.touch();
         if size == f.size && !matches!(f.body, Body::Staged(_)) {
+            self.publish(&f);
             f.dirty = true;
             return Ok(());
         }
@@ -424,20 +456,36 @@ impl OpenState {
         }
     }
 
-    /// Marks metadata changed; it is stored with the next commit.
-    pub async fn update_metadata(&self, f: impl FnOnce(&mut UserMetadata)) {
+    /// Changes attributes (and, with `mtime`, sets the modification time as `utimes` does);
+    /// they are stored with the next commit.
+    pub async fn update_attrs(&self, change: impl FnOnce(&mut StoredAttrs), mtime: Option<SystemTime>) {
         let mut file = self.file.lock().await;
-        f(&mut file.metadata);
+        change(&mut file.attrs);
+        if let Some(t) = mtime {
+            file.mtime = t;
+            file.mtime_explicit = true;
+        }
         file.dirty = true;
+        self.publish(&file);
     }
 
-    /// Commits the file to S3 if it changed. Returns the new object when one was written.
-    pub async fn commit<S: ObjectStore>(&self, ctx: &WriteCtx<S>, key: &str) -> Result<Option<ObjectId>, FsError> {
+    /// The attributes as they will be stored, with the file's current mtime.
+    pub async fn attrs(&self) -> StoredAttrs {
+        self.file.lock().await.upload_attrs()
+    }
+
+    /// Commits the file to S3 if it changed. Returns the new object and the attributes stored
+    /// with it (its `mtime` is what the file reports from now on) when one was written.
+    pub async fn commit<S: ObjectStore>(
+        &self,
+        ctx: &WriteCtx<S>,
+        key: &str,
+    ) -> Result<Option<(ObjectId, StoredAttrs)>, FsError> {
         let mut f = self.file.lock().await;
         if self.is_unlinked() || (!f.dirty && f.failed.is_none()) {
             return Ok(None);
         }
-        let result = f.commit(ctx, key).await;
+        let result = f.commit(ctx, key).await.map(|object| (object, f.upload_attrs()));
         match &result {
             Ok(_) => {
                 self.pending.store(false, Ordering::Relaxed);
@@ -467,7 +515,14 @@ impl OpenState {
 
 impl Streamer {
     fn new() -> Self {
-        Streamer { buf: BytesMut::new(), upload_id: None, next_part: 1, tasks: JoinSet::new(), done: Vec::new() }
+        Streamer {
+            buf: BytesMut::new(),
+            upload_id: None,
+            sent: None,
+            next_part: 1,
+            tasks: JoinSet::new(),
+            done: Vec::new(),
+        }
     }
 
     /// Starts uploading `part` as the next part; waits for write-budget permits first.
@@ -475,7 +530,7 @@ impl Streamer {
         &mut self,
         ctx: &WriteCtx<S>,
         key: &str,
-        metadata: &UserMetadata,
+        attrs: &StoredAttrs,
         part: Bytes,
     ) -> Result<(), S3Error> {
         // Surface failures of earlier parts as early as possible.
@@ -485,8 +540,9 @@ impl Streamer {
         let upload_id = match &self.upload_id {
             Some(id) => id.clone(),
             None => {
-                let id = ctx.store.create_multipart_upload(key, metadata).await?;
+                let id = ctx.store.create_multipart_upload(key, &attrs.encode()).await?;
                 self.upload_id = Some(id.clone());
+                self.sent = Some(attrs.clone());
                 id
             }
         };
@@ -535,6 +591,7 @@ impl Streamer {
         if let Some(id) = self.upload_id.take() {
             abort_upload(ctx, key, id).await;
         }
+        self.sent = None;
         self.buf.clear();
         self.done.clear();
         self.next_part = 1;
@@ -542,6 +599,17 @@ impl Streamer {
 }
 
 impl OpenFile {
+    /// A data change: the mtime becomes now, replacing an earlier `utimes` value.
+    fn touch(&mut self) {
+        self.mtime = SystemTime::now();
+        self.mtime_explicit = false;
+    }
+
+    /// The attributes to store, with the current mtime.
+    fn upload_attrs(&self) -> StoredAttrs {
+        StoredAttrs { mtime: Some(self.mtime), ..self.attrs.clone() }
+    }
+
     async fn write<S: ObjectStore>(
         &mut self,
         ctx: &WriteCtx<S>,
@@ -550,8 +618,8 @@ impl OpenFile {
         data: &[u8],
     ) -> Result<(), FsError> {
         self.dirty = true;
-        // New data: the modification time becomes the commit time, not an earlier utimes value.
-        self.metadata.remove(super::META_MTIME);
+        self.touch();
+        let attrs = self.upload_attrs();
         match &mut self.body {
             Body::Streaming(st) => {
                 st.buf.extend_from_slice(data);
@@ -562,7 +630,7 @@ impl OpenFile {
                         break;
                     }
                     let part = st.buf.split_to(part_size).freeze();
-                    if let Err(e) = st.start_part(ctx, key, &self.metadata, part).await {
+                    if let Err(e) = st.start_part(ctx, key, &attrs, part).await {
                         st.abort(ctx, key).await;
                         self.failed = Some(e.to_string());
                         return Err(e.into());
@@ -699,17 +767,39 @@ impl OpenFile {
     }
 
     async fn try_commit<S: ObjectStore>(&mut self, ctx: &WriteCtx<S>, key: &str) -> Result<ObjectId, FsError> {
-        let etag = match &mut self.body {
+        let attrs = self.upload_attrs();
+        let (etag, stored) = match &mut self.body {
             Body::Streaming(st) => {
-                let result = Self::commit_streaming(st, ctx, key, &self.metadata).await;
+                let result = Self::commit_streaming(st, ctx, key, &attrs).await;
                 if result.is_err() {
                     st.abort(ctx, key).await;
                 }
                 result?
             }
-            Body::Staged(_) => self.commit_staged(ctx, key).await?,
+            Body::Staged(_) => (self.commit_staged(ctx, key, &attrs).await?, attrs.clone()),
         };
-        let object = resolve_etag(ctx, key, etag, self.size).await?;
+        let mut object = resolve_etag(ctx, key, etag, self.size).await?;
+        // A multipart upload stores the attributes it began with. Attributes changed since (a
+        // chmod or utimes while streaming) are stored by copying the object onto itself; a
+        // later write only moved the mtime, so the file reports the stored one.
+        let explicit_mtime = self.mtime_explicit && stored.mtime != attrs.mtime;
+        let changed = !stored.same_except_times(&attrs) || explicit_mtime || stored.atime != attrs.atime;
+        if changed && self.size <= super::COPY_OBJECT_MAX {
+            let etag = ctx.store.copy_object(&object, key, Some(&attrs.encode())).await.map_err(FsError::from)?;
+            object = ObjectId { key: key.to_owned(), version: etag, has_etag: true };
+        } else {
+            if changed {
+                tracing::warn!(
+                    key,
+                    "attributes changed while this file over 5 GiB was streaming are not stored; \
+                    set them again after close"
+                );
+                self.attrs = StoredAttrs { mtime: None, ..stored.clone() };
+            }
+            if let Some(t) = stored.mtime {
+                self.mtime = t;
+            }
+        }
         // The committed object is now the source; local data can go.
         if let Body::Staged(sg) = &mut self.body {
             ctx.staging.refund(sg.charged);
@@ -731,39 +821,48 @@ impl OpenFile {
         Ok(object)
     }
 
+    /// Completes a streaming upload; returns the ETag and the attributes stored with it.
     async fn commit_streaming<S: ObjectStore>(
         st: &mut Streamer,
         ctx: &WriteCtx<S>,
         key: &str,
-        metadata: &UserMetadata,
-    ) -> Result<String, FsError> {
+        attrs: &StoredAttrs,
+    ) -> Result<(String, StoredAttrs), FsError> {
         if st.upload_id.is_none() {
             let body = std::mem::take(&mut st.buf).freeze();
-            return Ok(ctx.store.put_object(key, body, metadata).await?);
+            return Ok((ctx.store.put_object(key, body, &attrs.encode()).await?, attrs.clone()));
         }
         if !st.buf.is_empty() {
             let last = std::mem::take(&mut st.buf).freeze();
-            st.start_part(ctx, key, metadata, last).await?;
+            st.start_part(ctx, key, attrs, last).await?;
         }
         let parts = st.join_all(key).await?;
         let id = st.upload_id.take().expect("checked above");
+        let stored = st.sent.take().unwrap_or_else(|| attrs.clone());
         match complete_upload(ctx.store.as_ref(), key, &id, parts).await {
-            Ok(etag) => Ok(etag),
+            Ok(etag) => Ok((etag, stored)),
             Err(e) => {
                 st.upload_id = Some(id);
+                st.sent = Some(stored);
                 Err(e.into())
             }
         }
     }
 
-    async fn commit_staged<S: ObjectStore>(&mut self, ctx: &WriteCtx<S>, key: &str) -> Result<String, FsError> {
+    async fn commit_staged<S: ObjectStore>(
+        &mut self,
+        ctx: &WriteCtx<S>,
+        key: &str,
+        attrs: &StoredAttrs,
+    ) -> Result<String, FsError> {
         let size = self.size;
         let part_size = ctx.commit_part_size(size);
+        let metadata = attrs.encode();
         if size <= part_size {
             let body: Vec<u8> = self.read_staged(ctx, 0, size).await?.concat();
-            return Ok(ctx.store.put_object(key, body.into(), &self.metadata).await?);
+            return Ok(ctx.store.put_object(key, body.into(), &metadata).await?);
         }
-        let upload_id = ctx.store.create_multipart_upload(key, &self.metadata).await?;
+        let upload_id = ctx.store.create_multipart_upload(key, &metadata).await?;
         let result = self.upload_staged_parts(ctx, key, &upload_id, part_size).await;
         let result = match result {
             Ok(parts) => complete_upload(ctx.store.as_ref(), key, &upload_id, parts).await.map_err(FsError::from),

@@ -75,6 +75,11 @@ impl FakeStore {
         self.store(key, data.into(), UserMetadata::new());
     }
 
+    /// Stores an object with user metadata, as another S3 client would.
+    pub fn put_with_metadata(&self, key: &str, data: impl Into<Bytes>, metadata: UserMetadata) {
+        self.store(key, data.into(), metadata);
+    }
+
     fn store(&self, key: &str, data: Bytes, metadata: UserMetadata) -> String {
         let n = self.next_etag.fetch_add(1, Ordering::Relaxed);
         let etag = format!("\"etag-{n}\"");
