@@ -121,6 +121,12 @@ pub fn spawn_background(args: Vec<std::ffi::OsString>) -> anyhow::Result<()> {
     bail!("{message}")
 }
 
+/// The mount source shown in mountinfo for a bucket and prefix (`p/` or empty).
+pub fn mount_source(bucket: &str, prefix: &str) -> String {
+    let prefix = prefix.trim_end_matches('/');
+    if prefix.is_empty() { format!("s3csi:{bucket}") } else { format!("s3csi:{bucket}/{prefix}") }
+}
+
 /// Runs a mount in this process until it is unmounted or receives SIGTERM/SIGINT.
 pub fn run_foreground(config: MountConfig, notify_ready: bool) -> anyhow::Result<()> {
     let mountpoint = check_mountpoint(&config.mountpoint)?;
@@ -172,7 +178,9 @@ pub fn run_foreground(config: MountConfig, notify_ready: bool) -> anyhow::Result
     let adapter = FuseAdapter::new(fs, rt.handle().clone());
 
     let mut options = vec![
-        MountOption::FSName(format!("s3csi:{}", config.bucket)),
+        // `s3csi:<bucket>` or `s3csi:<bucket>/<prefix>`: the CSI node tells its volumes' mounts
+        // apart by it, also for volumes sharing a bucket.
+        MountOption::FSName(mount_source(config.bucket.as_str(), config.fs.prefix.as_str())),
         MountOption::Subtype("s3csi".into()),
         MountOption::DefaultPermissions,
         MountOption::NoDev,

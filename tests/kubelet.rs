@@ -454,7 +454,6 @@ fn without_fs_group_new_files_take_the_callers_group() {
 
     // A static volume with only `uid`: the caller's group wins.
     let bucket = server.unique_bucket("static-uid");
-    server.create_bucket(&bucket);
     let static_pv = Pv {
         name: "static-uid".into(),
         handle: bucket.clone(),
@@ -606,4 +605,84 @@ fn a_killed_mount_process_is_dead_even_with_a_long_metadata_ttl() {
     assert_eq!(server.get(&pv.handle, "g"), b"after");
     kubelet.tear_down(&pv, &pod);
     kubelet.unmount_device(&pv);
+}
+
+/// A mount process that stops answering (SIGSTOP) must not stall the node: every check of a
+/// mount is bounded, so stage, publish, stats and probe answer, and the lock is released.
+#[test]
+fn a_hung_mount_process_never_blocks_the_node() {
+    let server = S3Server::start();
+    let d = Driver::start(&server, Creds::Env);
+    let sc = StorageClass { parameters: vec![], mount_options: vec!["metadata-ttl=3600"] };
+    let pv = provision(&d, &sc, "hung", &HashMap::new());
+    let kubelet = Kubelet::new(&d);
+    kubelet.mount_device(&pv, None, &HashMap::new()).unwrap();
+    let pod = Pod { uid: fake_uid("hung"), name: "hung", run_as_user: 0, fs_group: None };
+    let target = kubelet.set_up(&pv, &pod).unwrap();
+    let staging = kubelet.staging_path(&pv);
+    let pid = processes_with_arg(&staging)[0] as i32;
+    // SAFETY: plain signals to a test child.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    let started = std::time::Instant::now();
+    let other = Pod { uid: fake_uid("hung-2"), name: "hung-2", run_as_user: 0, fs_group: None };
+    assert_eq!(kubelet.set_up(&pv, &other), Err(Code::FailedPrecondition), "the staging mount does not answer");
+    let stats = s3csi::csi::proto::NodeGetVolumeStatsRequest {
+        volume_id: pv.handle.clone(),
+        volume_path: target.display().to_string(),
+        staging_target_path: String::new(),
+    };
+    assert_eq!(code_of(d.rt.block_on(d.node().node_get_volume_stats(stats))), Code::Internal);
+    let probe = d.rt.block_on(
+        s3csi::csi::proto::identity_client::IdentityClient::new(d.channel.clone())
+            .probe(s3csi::csi::proto::ProbeRequest {}),
+    );
+    assert!(probe.is_ok(), "the server keeps answering");
+    assert!(started.elapsed() < Duration::from_secs(30), "bounded: {:?}", started.elapsed());
+    // SAFETY: as above.
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    let req = s3csi::csi::proto::NodeGetVolumeStatsRequest {
+        volume_id: pv.handle.clone(),
+        volume_path: target.display().to_string(),
+        staging_target_path: String::new(),
+    };
+    d.rt.block_on(d.node().node_get_volume_stats(req)).unwrap();
+    kubelet.tear_down(&pv, &pod);
+    kubelet.unmount_device(&pv);
+}
+
+/// Prefix volumes share a bucket; a call naming one volume never unmounts another's mounts.
+#[test]
+fn volumes_sharing_a_bucket_never_unmount_each_other() {
+    let server = S3Server::start();
+    let shared = server.unique_bucket("shared");
+    let d = Driver::start(&server, Creds::Env);
+    let bucket: &'static str = Box::leak(shared.clone().into_boxed_str());
+    let sc = StorageClass { parameters: vec![("bucket", bucket)], mount_options: vec![] };
+    let a = provision(&d, &sc, "a", &HashMap::new());
+    let b = provision(&d, &sc, "b", &HashMap::new());
+    let kubelet = Kubelet::new(&d);
+    kubelet.mount_device(&a, None, &HashMap::new()).unwrap();
+    kubelet.mount_device(&b, None, &HashMap::new()).unwrap();
+    let pod = Pod { uid: fake_uid("share"), name: "share", run_as_user: 0, fs_group: None };
+    let target_a = kubelet.set_up(&a, &pod).unwrap();
+    let (staging_a, staging_b) = (kubelet.staging_path(&a), kubelet.staging_path(&b));
+    // Volume A's id with B's staging path, and the bucket's id with A's target.
+    let req =
+        NodeUnstageVolumeRequest { volume_id: a.handle.clone(), staging_target_path: staging_b.display().to_string() };
+    d.rt.block_on(d.node().node_unstage_volume(req)).unwrap();
+    assert!(is_fuse_mount(&staging_b), "B's staging mount stays");
+    let req = NodeUnpublishVolumeRequest { volume_id: shared.clone(), target_path: target_a.display().to_string() };
+    d.rt.block_on(d.node().node_unpublish_volume(req)).unwrap();
+    assert!(is_mounted(&target_a), "A's pod mount stays");
+    let req = NodeUnpublishVolumeRequest { volume_id: b.handle.clone(), target_path: target_a.display().to_string() };
+    d.rt.block_on(d.node().node_unpublish_volume(req)).unwrap();
+    assert!(is_mounted(&target_a), "A's pod mount stays for B's id too");
+    // A path with an interior `.` is not what kubelet sends.
+    let dotted = format!("{}/./x", d.path("kubelet").display());
+    let req = NodeUnpublishVolumeRequest { volume_id: a.handle.clone(), target_path: dotted };
+    assert_eq!(code_of(d.rt.block_on(d.node().node_unpublish_volume(req))), Code::InvalidArgument);
+    kubelet.tear_down(&a, &pod);
+    kubelet.unmount_device(&a);
+    kubelet.unmount_device(&b);
+    assert!(!is_mounted(&staging_a) && !is_mounted(&staging_b));
 }

@@ -8,8 +8,6 @@
 //! serving in the meantime.
 
 use std::collections::HashMap;
-use std::ffi::CString;
-use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -60,6 +58,12 @@ fn absolute_path(value: &str, name: &str) -> Result<PathBuf, CsiError> {
     use std::path::Component;
     required(value, name)?;
     let path = Path::new(value);
+    // `Path::components` drops interior `.` silently; a path with one is not what kubelet sends.
+    if value.split('/').any(|segment| segment == "." || segment == "..") {
+        return Err(CsiError::InvalidArgument(format!(
+            "{name} {value:?} must be an absolute path without '.' or '..' components"
+        )));
+    }
     let mut clean = PathBuf::from("/");
     let mut parts = 0;
     for c in path.components() {
@@ -82,7 +86,20 @@ fn absolute_path(value: &str, name: &str) -> Result<PathBuf, CsiError> {
     Ok(clean)
 }
 
-/// Whether `path` itself is a symbolic link (never followed by the node service).
+/// The mount source of a volume's FUSE mount (`s3csi:<bucket>[/<prefix>]`, see
+/// `daemon::mount_source`): from the `--prefix` of its `s3csi mount` arguments when known (it
+/// includes a sub-prefix option), else from the volume id.
+fn expected_source(id: &VolumeId, mount_args: Option<&[String]>) -> String {
+    let prefix = match mount_args {
+        Some(args) => args.iter().find_map(|a| a.strip_prefix("--prefix=")).unwrap_or("").to_owned(),
+        None => id.prefix.clone(),
+    };
+    crate::daemon::mount_source(&id.bucket, &prefix)
+}
+
+/// Whether `path` itself is a symbolic link (never followed by the node service). Call it
+/// only on a path that is not a mount point: on a mount point even `lstat` waits for the
+/// filesystem, which may be a hung FUSE server.
 fn is_symlink(path: &Path) -> bool {
     std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink())
 }
@@ -207,10 +224,11 @@ impl NodeService {
         self.mounter.unmount(path).map_err(internal)
     }
 
-    /// Whether a mount is ours for volume `id`: our FUSE type and source, and when the volume's
-    /// staging mount is known, the same filesystem (a bind mount of it shows the same device).
-    fn is_ours(&self, entry: &MountEntry, id: &VolumeId, staging: Option<&Path>) -> bool {
-        if !is_our_type(entry) || entry.source != format!("s3csi:{}", id.bucket) {
+    /// Whether a mount is ours with mount source `source` (see [`expected_source`]): our FUSE
+    /// type and that source, and when the volume's staging mount is known, the same filesystem
+    /// (a bind mount of it shows the same device).
+    fn is_ours(&self, entry: &MountEntry, source: &str, staging: Option<&Path>) -> bool {
+        if !is_our_type(entry) || entry.source != source {
             return false;
         }
         match staging.and_then(|s| self.mounter.state(s).entry().cloned()) {
@@ -221,13 +239,13 @@ impl NodeService {
 
     /// Unmounts what is mounted at `path` while it is ours (binds may be stacked by retries);
     /// anything else is left mounted with a warning. Returns whether `path` is free of mounts.
-    fn unmount_ours(&self, path: &Path, id: Option<&VolumeId>, staging: Option<&Path>) -> Result<bool, CsiError> {
+    fn unmount_ours(&self, path: &Path, source: Option<&str>, staging: Option<&Path>) -> Result<bool, CsiError> {
         // Enough for binds stacked by retries; a loop that makes no progress ends here.
         const MAX_STACKED: usize = 16;
         for _ in 0..MAX_STACKED {
             let state = self.mounter.state(path);
             let Some(entry) = state.entry() else { return Ok(true) };
-            if !id.is_some_and(|id| self.is_ours(entry, id, staging)) {
+            if !source.is_some_and(|source| self.is_ours(entry, source, staging)) {
                 tracing::warn!(
                     path = %path.display(),
                     fstype = entry.fstype,
@@ -307,7 +325,9 @@ impl NodeService {
         let stem = id.file_stem();
         let _guard = self.locks.lock(&req.volume_id).await;
 
+        let source = expected_source(&id, Some(&spec.args));
         if let Some(old) = self.state.load(&stem).map_err(internal)? {
+            let old_source = expected_source(&id, Some(&old.mount_args));
             if old.staging_path != staging {
                 return Err(CsiError::FailedPrecondition(format!(
                     "volume {id} is already staged at {} on this node",
@@ -316,7 +336,8 @@ impl NodeService {
             }
             match self.mounter.state(&staging) {
                 MountState::Healthy(e)
-                    if self.is_ours(&e, &id, None) && essential_args(&old.mount_args) == essential_args(&spec.args) =>
+                    if self.is_ours(&e, &old_source, None)
+                        && essential_args(&old.mount_args) == essential_args(&spec.args) =>
                 {
                     if old.mount_args != spec.args {
                         // Tuning options (cache sizes, TTL, modes) or a newer driver's extra
@@ -325,7 +346,7 @@ impl NodeService {
                     }
                     return Ok(NodeStageVolumeResponse {});
                 }
-                MountState::Healthy(e) if self.is_ours(&e, &id, None) => {
+                MountState::Healthy(e) if self.is_ours(&e, &old_source, None) => {
                     return Err(CsiError::AlreadyExists(format!(
                         "volume {id} is already staged at {} with a different prefix or read-only setting",
                         staging.display()
@@ -339,7 +360,7 @@ impl NodeService {
                         e.source
                     )));
                 }
-                MountState::Dead(e) if self.is_ours(&e, &id, None) => self.clear_dead(&staging)?,
+                MountState::Dead(e) if self.is_ours(&e, &old_source, None) => self.clear_dead(&staging)?,
                 MountState::Dead(e) => {
                     return Err(CsiError::FailedPrecondition(format!(
                         "staging path {} has a dead {} mount of {} that is not ours; unmount it",
@@ -356,7 +377,7 @@ impl NodeService {
             }
         } else {
             match self.mounter.state(&staging) {
-                MountState::Healthy(e) if self.is_ours(&e, &id, None) => {
+                MountState::Healthy(e) if self.is_ours(&e, &source, None) => {
                     // Staged by an instance whose state was lost: adopt the live mount.
                     let pid = find_mount_process(&staging);
                     tracing::warn!(volume = %id, pid, "adopting a live mount that has no state record");
@@ -379,7 +400,7 @@ impl NodeService {
                         e.source
                     )));
                 }
-                MountState::Dead(e) if self.is_ours(&e, &id, None) => self.clear_dead(&staging)?,
+                MountState::Dead(e) if self.is_ours(&e, &source, None) => self.clear_dead(&staging)?,
                 MountState::Dead(e) => {
                     return Err(CsiError::FailedPrecondition(format!(
                         "staging path {} has a dead {} mount of {} that is not ours; unmount it",
@@ -435,9 +456,10 @@ impl NodeService {
             Some(stem) => self.state.load(stem).map_err(internal)?.filter(|v| v.staging_path == staging),
             None => None,
         };
-        if let (Some(v), Some(id)) = (&record, &id) {
+        let source = id.as_ref().map(|id| expected_source(id, record.as_ref().map(|v| v.mount_args.as_slice())));
+        if let (Some(v), Some(source)) = (&record, &source) {
             for target in v.targets.keys() {
-                if self.mounter.state(target).entry().is_some_and(|e| self.is_ours(e, id, None)) {
+                if self.mounter.state(target).entry().is_some_and(|e| self.is_ours(e, source, None)) {
                     return Err(CsiError::FailedPrecondition(format!(
                         "volume {} is still published at {}; unpublish it first",
                         req.volume_id,
@@ -446,10 +468,10 @@ impl NodeService {
                 }
             }
         }
-        if is_symlink(&staging) {
+        if self.mounter.state(&staging) == MountState::NotMounted && is_symlink(&staging) {
             tracing::warn!(staging = %staging.display(), "staging path is a symbolic link, not ours; left alone");
         } else {
-            self.unmount_ours(&staging, id.as_ref(), None)?;
+            self.unmount_ours(&staging, source.as_deref(), None)?;
         }
         let Some(v) = record else { return Ok(NodeUnstageVolumeResponse {}) };
         let pid = if v.pid != 0 { v.pid } else { find_mount_process(&staging) };
@@ -491,7 +513,8 @@ impl NodeService {
                 staging.display()
             )));
         };
-        if !matches!(self.mounter.state(&staging), MountState::Healthy(e) if self.is_ours(&e, &id, None)) {
+        let source = expected_source(&id, Some(&v.mount_args));
+        if !matches!(self.mounter.state(&staging), MountState::Healthy(e) if self.is_ours(&e, &source, None)) {
             return Err(CsiError::FailedPrecondition(format!(
                 "the staging mount of volume {id} at {} is gone (its mount process died; see {}); \
                  unstage and stage the volume again",
@@ -501,7 +524,7 @@ impl NodeService {
         }
         match self.mounter.state(&target) {
             MountState::Healthy(e) => {
-                let ours = self.is_ours(&e, &id, Some(&staging));
+                let ours = self.is_ours(&e, &source, Some(&staging));
                 return match v.targets.get(&target).filter(|_| ours) {
                     Some(t) if t.read_only == read_only => Ok(NodePublishVolumeResponse {}),
                     Some(_) => Err(CsiError::AlreadyExists(format!(
@@ -516,7 +539,7 @@ impl NodeService {
             }
             // A dead bind of an earlier staging mount has that mount's device: type and source
             // identify it.
-            MountState::Dead(e) if self.is_ours(&e, &id, None) => self.clear_dead(&target)?,
+            MountState::Dead(e) if self.is_ours(&e, &source, None) => self.clear_dead(&target)?,
             MountState::Dead(e) => {
                 return Err(CsiError::FailedPrecondition(format!(
                     "target path {} has a dead {} mount of {} that is not ours; unmount it",
@@ -554,14 +577,17 @@ impl NodeService {
             Some(stem) => self.state.load(stem).map_err(internal)?,
             None => None,
         };
-        if is_symlink(&target) {
+        if self.mounter.state(&target) == MountState::NotMounted && is_symlink(&target) {
             tracing::warn!(target = %target.display(), "target path is a symbolic link, not ours; left alone");
         } else {
             // A target we published may be a bind of an earlier staging mount (device differs):
             // type and source identify it. Otherwise it must be a bind of the staging mount.
             let staging =
                 record.as_ref().filter(|v| !v.targets.contains_key(&target)).map(|v| v.staging_path.as_path());
-            if self.unmount_ours(&target, id.as_ref(), staging)? {
+            let source = id.as_ref().map(|id| expected_source(id, record.as_ref().map(|v| v.mount_args.as_slice())));
+            // Only a directory this node created is removed (kubelet removes its own).
+            let created = record.as_ref().and_then(|v| v.targets.get(&target)).is_some_and(|t| t.created);
+            if self.unmount_ours(&target, source.as_deref(), staging)? && created {
                 remove_dir(&target);
             }
         }
@@ -583,16 +609,17 @@ impl NodeService {
         if v.staging_path != path && !v.targets.contains_key(&path) {
             return Err(not_ours());
         }
-        let c = CString::new(path.as_os_str().as_bytes()).map_err(|_| not_ours())?;
-        // SAFETY: statvfs writes only into the zeroed struct we pass; the path is NUL-terminated.
-        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-        if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
-            let e = std::io::Error::last_os_error();
-            return Err(match e.kind() {
-                std::io::ErrorKind::NotFound => not_ours(),
-                _ => internal(format!("cannot stat {}: {e}", path.display())),
-            });
-        }
+        let st = match crate::mount::statvfs_bounded(&path) {
+            Ok(st) => st,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(not_ours()),
+            Err(e) => {
+                return Err(internal(format!(
+                    "cannot stat {}: {e} (a FUSE process that is gone or hung; see {})",
+                    path.display(),
+                    self.state.log_file(&id.file_stem()).display()
+                )));
+            }
+        };
         let bytes = |blocks: u64| i64::try_from(blocks.saturating_mul(st.f_frsize)).unwrap_or(i64::MAX);
         let count = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
         Ok(NodeGetVolumeStatsResponse {

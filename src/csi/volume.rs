@@ -46,8 +46,17 @@ pub enum OptionKey<'a> {
 }
 
 impl<'a> OptionKey<'a> {
+    /// `domain/name` with a DNS-subdomain domain (lowercase letters, digits, `-`, `.`, starting
+    /// and ending with a letter or digit) and a non-empty name is foreign; anything else
+    /// (`uid`, but also `uid/` or `/uid`) is ours, so a typo is an error, not ignored.
     pub fn classify(key: &'a str) -> Self {
-        if key.contains('/') { OptionKey::Foreign } else { OptionKey::Ours(key) }
+        let foreign = key.split_once('/').is_some_and(|(domain, name)| {
+            !name.is_empty()
+                && domain.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+                && domain.bytes().next().is_some_and(|b| b.is_ascii_alphanumeric())
+                && domain.bytes().last().is_some_and(|b| b.is_ascii_alphanumeric())
+        });
+        if foreign { OptionKey::Foreign } else { OptionKey::Ours(key) }
     }
 }
 
@@ -360,7 +369,9 @@ impl MountOptions {
             _ => {
                 let known: Vec<&str> = VALUE_OPTIONS.iter().map(|(k, _, _)| *k).collect();
                 return Err(format!(
-                    "unknown volume attribute {key:?}; known: {}, {CTX_PREFIX}, {CTX_READ_ONLY}",
+                    "unknown parameter or volume attribute {key:?}; known: {PARAM_BUCKET}, {PARAM_NAME_PREFIX}, \
+                     {PARAM_ON_DELETE}, {}, {CTX_PREFIX}, {CTX_READ_ONLY} (keys of other components carry a \
+                     domain prefix, such as csi.storage.k8s.io/...)",
                     known.join(", ")
                 ));
             }
@@ -500,7 +511,7 @@ mod tests {
         assert!(id.prefix.starts_with("pvc-1-") && id.prefix.ends_with('/'));
     }
 
-    #[test_case("colour", "blue", "unknown volume attribute \"colour\"")]
+    #[test_case("colour", "blue", "unknown parameter or volume attribute \"colour\"")]
     #[test_case("onDelete", "never", "expected purge, ifEmpty or keep")]
     #[test_case("uid", "root", "invalid value \"root\" for option uid")]
     #[test_case("namePrefix", "UPPER", "invalid parameter namePrefix")]
@@ -564,6 +575,10 @@ mod tests {
     #[test_case("example.com/uid", true)]
     #[test_case("uid", false)]
     #[test_case("colour", false)]
+    #[test_case("uid/", false)]
+    #[test_case("/uid", false)]
+    #[test_case("Example.com/uid", false)]
+    #[test_case("example.com./uid", false)]
     fn key_rule(key: &str, foreign: bool) {
         assert_eq!(OptionKey::classify(key) == OptionKey::Foreign, foreign);
     }

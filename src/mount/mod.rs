@@ -124,6 +124,22 @@ pub fn mount_entry(path: &Path) -> Option<MountEntry> {
     found
 }
 
+/// `statvfs` of a path, bounded by [`LIVENESS_TIMEOUT`] (a hung FUSE server never answers).
+pub fn statvfs_bounded(path: &Path) -> Result<libc::statvfs, io::Error> {
+    let c = cpath(path)?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::Builder::new().name("s3csi-statvfs".into()).spawn(move || {
+        // SAFETY: statvfs writes only into the zeroed struct we pass; the path is NUL-terminated.
+        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+        let rc = unsafe { libc::statvfs(c.as_ptr(), &mut st) };
+        let _ = tx.send(if rc == 0 { Ok(st) } else { Err(io::Error::last_os_error()) });
+    })?;
+    match rx.recv_timeout(LIVENESS_TIMEOUT) {
+        Ok(r) => r,
+        Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, "the filesystem did not answer statvfs")),
+    }
+}
+
 /// Whether the FUSE server behind the mount at `path` answers right now. `statfs` is never
 /// answered from the kernel's attribute cache (unlike `stat`), so a dead server shows at once.
 /// The call runs on its own thread: a wedged server would block it for good.
@@ -154,10 +170,10 @@ fn open_dir_nofollow(path: &Path) -> io::Result<std::fs::File> {
 
 impl Mounter for SystemMounter {
     fn state(&self, path: &Path) -> MountState {
+        // Only mountinfo and a bounded statfs: any other syscall on a mount point (even lstat)
+        // waits for its FUSE server, which may be hung. A path mountinfo lists is a mount
+        // point, never a symbolic link (mount(2) resolves links before it mounts).
         let Some(resolved) = mountinfo_path(path) else { return MountState::NotMounted };
-        if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink()) {
-            return MountState::NotMounted;
-        }
         let Some(entry) = mount_entry(&resolved) else {
             return MountState::NotMounted;
         };
@@ -191,13 +207,18 @@ impl Mounter for SystemMounter {
         }
         if read_only {
             let flags = libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV;
-            let target_c = cpath(target).map_err(|e| MountError::sys("remount read-only", target, e))?;
-            // SAFETY: as above; remounting the bind we just made read-only (the target is now a
-            // mount root, which no symbolic link can replace).
-            let rc =
-                unsafe { libc::mount(std::ptr::null(), target_c.as_ptr(), std::ptr::null(), flags, std::ptr::null()) };
-            if rc != 0 {
-                let err = io::Error::last_os_error();
+            // The target is now a mount point, which cannot be renamed or replaced by a link;
+            // open it again without following one, and remount through that descriptor.
+            let remount = open_dir_nofollow(target).and_then(|root| {
+                let root_path = cpath(Path::new(&format!("/proc/self/fd/{}", root.as_raw_fd())))?;
+                // SAFETY: valid NUL-terminated path; remounting the bind we just made.
+                let rc = unsafe {
+                    libc::mount(std::ptr::null(), root_path.as_ptr(), std::ptr::null(), flags, std::ptr::null())
+                };
+                if rc != 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
+            });
+            if let Err(err) = remount {
+                let target_c = cpath(target).map_err(|e| MountError::sys("remount read-only", target, e))?;
                 // SAFETY: valid path; undo the writable bind so no pod ever sees it.
                 unsafe { libc::umount2(target_c.as_ptr(), libc::MNT_DETACH | libc::UMOUNT_NOFOLLOW) };
                 return Err(MountError::sys("remount read-only", target, err));
