@@ -175,6 +175,11 @@ pub fn run_foreground(config: MountConfig, notify_ready: bool) -> anyhow::Result
     if !config.fs.read_only {
         rt.block_on(fs.check_directory_markers());
     }
+    {
+        let _in_runtime = rt.enter();
+        fs.start_record_flusher();
+    }
+    let records_owner = Arc::clone(&fs);
     let adapter = FuseAdapter::new(fs, rt.handle().clone());
 
     let mut options = vec![
@@ -233,7 +238,10 @@ pub fn run_foreground(config: MountConfig, notify_ready: bool) -> anyhow::Result
         // SAFETY: umount2 with a valid NUL-terminated path.
         unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
     }
-    match waiter.join() {
+    let ended = waiter.join();
+    // Directory attribute records queued since the last flush.
+    rt.block_on(records_owner.flush_records());
+    match ended {
         Ok(Ok(Ok(()))) => Ok(()),
         Ok(Ok(Err(e))) => Err(anyhow::anyhow!("FUSE session failed: {e}")),
         _ => Err(anyhow::anyhow!("FUSE session thread panicked")),

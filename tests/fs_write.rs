@@ -236,9 +236,21 @@ impl<'a> Store<'a> {
         })
     }
 
+    /// Every data key under `prefix`: the mount's directory attribute records
+    /// (`<dir>/.s3csi-attrs`) are left out; [`Store::records`] lists them.
     fn keys(&self, prefix: &str) -> Vec<String> {
-        self.keys_with_etags(prefix).into_iter().map(|(k, _)| k).collect()
+        self.keys_with_etags(prefix).into_iter().map(|(k, _)| k).filter(|k| !is_record(k)).collect()
     }
+
+    /// The directory attribute records under `prefix`.
+    fn records(&self, prefix: &str) -> Vec<String> {
+        self.keys_with_etags(prefix).into_iter().map(|(k, _)| k).filter(|k| is_record(k)).collect()
+    }
+}
+
+/// Whether `key` is a directory attribute record (s3csi's, not data).
+fn is_record(key: &str) -> bool {
+    key.rsplit('/').next() == Some(s3csi::fs::records::RECORD_NAME)
 }
 
 /// Set in the child process that [`isolated`] starts.
@@ -730,6 +742,11 @@ fn compare_trees(model: &Path, mount: &Path, ctx: &dyn Fn() -> String) {
 fn compare_bucket(store: &Store, model: &Path, ctx: &dyn Fn() -> String) {
     let tree = scan(model);
     let keys: BTreeSet<String> = store.keys("").into_iter().collect();
+    // A record lives only in a directory that exists.
+    for record in store.records("") {
+        let dir = record.rsplit_once('/').map_or("", |(d, _)| d);
+        assert!(dir.is_empty() || tree.dirs.contains(dir), "{}: record {record:?} in no model directory", ctx());
+    }
     for key in &keys {
         match key.strip_suffix('/') {
             Some(dir) => assert!(tree.dirs.contains(dir), "{}: marker {key:?} in S3 for no model directory", ctx()),

@@ -321,12 +321,19 @@ impl ControllerService {
                 return Ok(DeleteVolumeResponse {});
             }
             OnDelete::IfEmpty => {
+                /// Keys looked at: enough to see past the marker and empty directories' records.
+                const IF_EMPTY_SCAN: i32 = 1000;
                 let marker = id.marker_key();
+                // The mount's directory attribute records describe data; they are not data.
                 let keys = admin
-                    .first_keys(&id.bucket, &id.prefix, 2)
+                    .first_keys(&id.bucket, &id.prefix, IF_EMPTY_SCAN)
                     .await
                     .map_err(|e| CsiError::s3(&format!("listing {id}"), &e))?;
-                if let Some(k) = keys.iter().find(|k| **k != marker) {
+                let record = crate::fs::records::RECORD_NAME;
+                let not_data = |k: &str| k == marker || k.rsplit('/').next() == Some(record);
+                // A full page of records only: not proven empty, so not deleted.
+                let unproven = keys.len() >= IF_EMPTY_SCAN as usize;
+                if let Some(k) = keys.iter().find(|k| !not_data(k)).or(keys.last().filter(|_| unproven)) {
                     let what = if id.is_bucket() { "bucket" } else { "prefix of bucket" };
                     return Err(CsiError::FailedPrecondition(format!(
                         "{what} {id} is not empty (it holds {k:?} and maybe more) and its StorageClass says \

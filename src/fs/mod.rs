@@ -14,6 +14,7 @@ pub mod error;
 pub mod fuse;
 pub mod inode;
 pub mod prefetch;
+pub mod records;
 pub mod write;
 
 use std::collections::{BTreeMap, HashMap};
@@ -27,6 +28,7 @@ use tokio::sync::Semaphore;
 pub use error::FsError;
 use inode::{Inode, InodeTable, Kind, ROOT_INO, Stat};
 use prefetch::{Fetcher, Window};
+use records::{DirRecord, RecordEntry, Records, dir_entry_name};
 use write::{OpenState, WriteCtx};
 
 use crate::cache::BlockCache;
@@ -152,6 +154,18 @@ pub struct S3Fs<S> {
     /// Whether the server stores directory marker objects (`dir/`); see
     /// [`S3Fs::check_directory_markers`].
     markers: std::sync::atomic::AtomicBool,
+    /// Directory attribute records (see [`records`]).
+    records: Arc<Records<S>>,
+    /// The task writing queued record changes; stopped when the filesystem is dropped.
+    flusher: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+impl<S> Drop for S3Fs<S> {
+    fn drop(&mut self) {
+        if let Some(task) = self.flusher.lock().unwrap().take() {
+            task.abort();
+        }
+    }
 }
 
 /// Name of the marker object the CSI controller writes at the root of each volume it creates
@@ -172,6 +186,7 @@ pub fn valid_name(name: &str) -> bool {
         && name != "."
         && name != ".."
         && name != RESERVED_NAME
+        && name != records::RECORD_NAME
         && name.len() <= NAME_MAX
         && !name.contains(['/', '\0'])
 }
@@ -204,6 +219,7 @@ impl<S: ObjectStore> S3Fs<S> {
         let inodes = InodeTable::new(config.prefix.as_str());
         let fetcher = Fetcher::new(Arc::clone(&store), cache);
         let writes = WriteCtx::new(Arc::clone(&store), Arc::clone(&fetcher), config.write.clone())?;
+        let records = Arc::new(Records::new(Arc::clone(&store)));
         Ok(S3Fs {
             fetcher,
             writes,
@@ -217,6 +233,8 @@ impl<S: ObjectStore> S3Fs<S> {
             copy_object_max: COPY_OBJECT_MAX,
             started: SystemTime::now(),
             markers: std::sync::atomic::AtomicBool::new(true),
+            records,
+            flusher: Mutex::new(None),
         })
     }
 
@@ -252,6 +270,42 @@ impl<S: ObjectStore> S3Fs<S> {
         }
         self.markers.store(stored, Ordering::Relaxed);
         stored
+    }
+
+    /// Starts writing queued directory record changes every [`records::FLUSH_INTERVAL`]. Call
+    /// from within the runtime; the task stops when the filesystem is dropped.
+    pub fn start_record_flusher(&self) {
+        let records = Arc::clone(&self.records);
+        let task = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(records::FLUSH_INTERVAL).await;
+                records.flush().await;
+            }
+        });
+        *self.flusher.lock().unwrap() = Some(task);
+    }
+
+    /// Writes queued directory record changes now (at unmount).
+    pub async fn flush_records(&self) {
+        self.records.flush().await;
+    }
+
+    /// Queues the record entry of `inode` in its parent directory's record (None: removed).
+    fn note_entry(&self, parent: u64, name: &str, kind: Kind, entry: Option<RecordEntry>) {
+        let Some(dir) = self.inodes.get(parent) else { return };
+        let name = if kind == Kind::Dir { dir_entry_name(name) } else { name.to_owned() };
+        self.records.note(&self.inodes.key(&dir), &name, entry);
+    }
+
+    /// The record entry for an object with `etag`, `size` and stored attributes.
+    fn file_entry(etag: &str, size: u64, attrs: &StoredAttrs) -> Option<RecordEntry> {
+        let ours = StoredAttrs { other: UserMetadata::new(), ..attrs.clone() };
+        Some(RecordEntry { etag: Some(etag.to_owned()), size: Some(size), meta: ours.encode() })
+    }
+
+    fn dir_entry(attrs: &StoredAttrs) -> Option<RecordEntry> {
+        let ours = StoredAttrs { other: UserMetadata::new(), ..attrs.clone() };
+        Some(RecordEntry { etag: None, size: None, meta: ours.encode() })
     }
 
     pub fn ttl(&self) -> Duration {
@@ -389,12 +443,31 @@ impl<S: ObjectStore> S3Fs<S> {
             if self.fresh(&stat) && child.kind == Kind::File {
                 // Known from a listing: one HEAD for the metadata kept in the object.
                 if let Ok(meta) = self.store.head_object(&self.inodes.key(&child)).await {
-                    return Ok(self.inodes.upsert(dir, name, kind_from_meta(&meta), stat_from_meta(&meta), lookup));
+                    let fresh = stat_from_meta(&meta);
+                    // Not in the directory's record: add it, so the next listing needs no HEAD.
+                    if let Some(etag) = &fresh.etag {
+                        self.records.note(
+                            &self.inodes.key(dir),
+                            name,
+                            Self::file_entry(etag, fresh.size, &fresh.attrs),
+                        );
+                    }
+                    return Ok(self.inodes.upsert(dir, name, kind_from_meta(&meta), fresh, lookup));
                 }
             }
         }
+        // A directory listed in a directory whose record lacks it: record what the probe finds.
+        let unrecorded_dir = self.inodes.child(dir.ino, name).is_some_and(|c| {
+            let stat = c.stat();
+            c.kind == Kind::Dir && self.fresh(&stat) && !stat.from_head
+        });
         match self.probe(&self.inodes.key(dir), name).await? {
-            Some((kind, stat)) => Ok(self.inodes.upsert(dir, name, kind, stat, lookup)),
+            Some((kind, stat)) => {
+                if unrecorded_dir && kind == Kind::Dir {
+                    self.records.note(&self.inodes.key(dir), &dir_entry_name(name), Self::dir_entry(&stat.attrs));
+                }
+                Ok(self.inodes.upsert(dir, name, kind, stat, lookup))
+            }
             None => {
                 self.inodes.unlink_name(dir.ino, name);
                 Err(FsError::NotFound)
@@ -594,6 +667,12 @@ impl<S: ObjectStore> S3Fs<S> {
             stat.size = state.size();
             stat.etag = Some(object.version.clone());
             stat.mtime = attrs.mtime.unwrap_or_else(|| state.mtime());
+            self.note_entry(
+                inode.parent(),
+                &inode.name(),
+                inode.kind,
+                Self::file_entry(&object.version, stat.size, &attrs),
+            );
             stat.attrs = attrs;
             stat.from_head = true;
             stat.validated_at = Instant::now();
@@ -696,12 +775,18 @@ impl<S: ObjectStore> S3Fs<S> {
         // Pin the mtime: the rewrite gives the object a new Last-Modified.
         stat.attrs.mtime = Some(stat.mtime);
         let metadata = stat.attrs.encode();
-        match source {
+        let entry = match source {
             None => {
                 self.store.put_object(&key, Bytes::new(), &metadata).await?;
+                Self::dir_entry(&stat.attrs)
             }
-            Some((object, size)) => self.copy_any(&object, size, &key, Some(&metadata)).await?,
-        }
+            Some((object, size)) => {
+                let etag = self.copy_any(&object, size, &key, Some(&metadata)).await?;
+                stat.etag = Some(etag.clone());
+                Self::file_entry(&etag, size, &stat.attrs)
+            }
+        };
+        self.note_entry(inode.parent(), &inode.name(), inode.kind, entry);
         stat.from_head = true;
         stat.validated_at = Instant::now();
         inode.set_stat(stat);
@@ -736,10 +821,9 @@ impl<S: ObjectStore> S3Fs<S> {
         size: u64,
         dest: &str,
         metadata: Option<&UserMetadata>,
-    ) -> Result<(), FsError> {
+    ) -> Result<String, FsError> {
         if size <= self.copy_object_max {
-            self.store.copy_object(src, dest, metadata).await?;
-            return Ok(());
+            return Ok(self.store.copy_object(src, dest, metadata).await?);
         }
         let metadata = match metadata {
             Some(m) => m.clone(),
@@ -763,16 +847,18 @@ impl<S: ObjectStore> S3Fs<S> {
             start = end;
         }
         let result = match result {
-            Ok(()) => self.store.complete_multipart_upload(dest, &id, parts).await.map(|_| ()),
+            Ok(()) => self.store.complete_multipart_upload(dest, &id, parts).await,
             Err(e) => Err(e),
         };
-        if let Err(e) = result {
-            if let Err(abort) = self.store.abort_multipart_upload(dest, &id).await {
-                tracing::warn!(key = dest, error = %abort, "cannot abort multipart copy");
+        match result {
+            Ok(etag) => Ok(etag),
+            Err(e) => {
+                if let Err(abort) = self.store.abort_multipart_upload(dest, &id).await {
+                    tracing::warn!(key = dest, error = %abort, "cannot abort multipart copy");
+                }
+                Err(e.into())
             }
-            return Err(e.into());
         }
-        Ok(())
     }
 
     pub async fn mkdir(&self, caller: Caller, parent: u64, name: &str, mode: u16) -> Result<Attr, FsError> {
@@ -789,6 +875,9 @@ impl<S: ObjectStore> S3Fs<S> {
         let markers = self.markers.load(Ordering::Relaxed);
         if markers {
             self.store.put_object(&format!("{key}/"), Bytes::new(), &metadata).await?;
+        }
+        if markers {
+            self.note_entry(dir.ino, name, Kind::Dir, Self::dir_entry(&stat.attrs));
         }
         let inode = self.inodes.upsert(&dir, name, Kind::Dir, stat, true);
         inode.local_dir.store(!markers, Ordering::Relaxed);
@@ -807,6 +896,7 @@ impl<S: ObjectStore> S3Fs<S> {
         self.set_new_owner(&mut stat, caller, &dir, Kind::Symlink, 0o777);
         let metadata = stat.attrs.encode();
         let etag = self.store.put_object(&key, Bytes::copy_from_slice(target.as_bytes()), &metadata).await?;
+        self.note_entry(dir.ino, name, Kind::Symlink, Self::file_entry(&etag, stat.size, &stat.attrs));
         stat.etag = Some(etag);
         let inode = self.inodes.upsert(&dir, name, Kind::Symlink, stat, true);
         Ok(self.attr(&inode))
@@ -833,6 +923,7 @@ impl<S: ObjectStore> S3Fs<S> {
             state.mark_unlinked();
         }
         self.store.delete_object(&self.inodes.key(&inode)).await?;
+        self.note_entry(parent, name, inode.kind, None);
         self.inodes.unlink_name(parent, name);
         Ok(())
     }
@@ -843,8 +934,10 @@ impl<S: ObjectStore> S3Fs<S> {
             return Ok(true);
         }
         let key = self.inodes.key(dir);
-        let page = self.store.list_page(&key, Some("/"), None, Some(2)).await?;
-        Ok(!page.common_prefixes.is_empty() || page.objects.iter().any(|o| o.key != key))
+        let record = format!("{key}{}", records::RECORD_NAME);
+        // The marker and the record are not entries; a third key is.
+        let page = self.store.list_page(&key, Some("/"), None, Some(3)).await?;
+        Ok(!page.common_prefixes.is_empty() || page.objects.iter().any(|o| o.key != key && o.key != record))
     }
 
     pub async fn rmdir(&self, parent: u64, name: &str) -> Result<(), FsError> {
@@ -857,7 +950,10 @@ impl<S: ObjectStore> S3Fs<S> {
         if self.dir_has_entries(&inode).await? {
             return Err(FsError::NotEmpty);
         }
-        self.store.delete_object(&self.inodes.key(&inode)).await?;
+        let key = self.inodes.key(&inode);
+        self.records.delete(&key).await?;
+        self.store.delete_object(&key).await?;
+        self.note_entry(parent, name, Kind::Dir, None);
         self.inodes.unlink_name(parent, name);
         Ok(())
     }
@@ -905,17 +1001,25 @@ impl<S: ObjectStore> S3Fs<S> {
                 return Err(FsError::Invalid("cannot move a directory into itself"));
             }
             if let Some(t) = &target {
-                self.store.delete_object(&self.inodes.key(t)).await?;
+                let key = self.inodes.key(t);
+                self.records.delete(&key).await?;
+                self.store.delete_object(&key).await?;
             }
+            self.records.forget_dir(&old_prefix);
             self.rename_dir(&old_prefix, &new_prefix).await?;
+            self.note_entry(parent, name, Kind::Dir, None);
+            self.note_entry(newparent, newname, Kind::Dir, Self::dir_entry(&src.stat().attrs));
         } else {
             let state = src.open_state();
             if let Some(state) = &state {
                 self.commit(&src, state).await?;
             }
             let meta = self.head(&src).await?;
-            self.copy_any(&ObjectId::from_meta(&meta), meta.size, &new_key_base, None).await?;
+            let etag = self.copy_any(&ObjectId::from_meta(&meta), meta.size, &new_key_base, None).await?;
             self.store.delete_object(&meta.key).await?;
+            let attrs = stat_from_meta(&meta).attrs;
+            self.note_entry(parent, name, src.kind, None);
+            self.note_entry(newparent, newname, src.kind, Self::file_entry(&etag, meta.size, &attrs));
             if let Some(state) = &state {
                 // Open handles keep writing under the new name; unchanged bytes now live there.
                 let copied = self.store.head_object(&new_key_base).await?;
@@ -986,25 +1090,61 @@ impl<S: ObjectStore> S3Fs<S> {
 
     async fn list_dir(&self, dir: &Arc<Inode>) -> Result<Vec<DirEntry>, FsError> {
         let dir_key = self.inodes.key(dir);
+        // The record (one GET) comes beside the LIST pages.
+        let (record, names) = tokio::join!(self.records.load(&dir_key), self.list_names(&dir_key));
+        let mut names = names?;
+        for (name, (kind, stat)) in names.iter_mut() {
+            let Some(stat) = stat else { continue };
+            self.apply_record(record.as_ref(), name, kind, stat);
+        }
+        for child in self.inodes.pending_children(dir.ino) {
+            names.entry(child.name()).or_insert((child.kind, None));
+        }
+        let mut entries = Vec::with_capacity(names.len());
+        for (name, (kind, stat)) in names {
+            let existing = self.inodes.child(dir.ino, &name);
+            let inode = match (existing, stat) {
+                // Being written here, or known at least as well (fresh, from S3, same object).
+                (Some(ex), _) if ex.open_state().is_some() || ex.local_dir.load(Ordering::Relaxed) => ex,
+                (Some(ex), Some(stat)) if ex.kind == kind && self.known_as_well(&ex.stat(), &stat) => ex,
+                (_, Some(stat)) => self.inodes.upsert(dir, &name, kind, stat, false),
+                (Some(ex), None) => ex,
+                (None, None) => continue,
+            };
+            entries.push(DirEntry { ino: inode.ino, name, kind: inode.kind });
+        }
+        Ok(entries)
+    }
+
+    /// Whether `known` (in memory) is as good as `listed` (from a listing and the record).
+    fn known_as_well(&self, known: &Stat, listed: &Stat) -> bool {
+        self.fresh(known) && known.from_head && known.etag == listed.etag && known.size == listed.size
+    }
+
+    /// Every name directly under `dir_key`: directories (common prefixes; they win over an
+    /// object of the same name) and objects with what the listing says of them.
+    async fn list_names(&self, dir_key: &str) -> Result<BTreeMap<String, (Kind, Option<Stat>)>, FsError> {
         let mut names: BTreeMap<String, (Kind, Option<Stat>)> = BTreeMap::new();
         let mut token = None;
         loop {
-            let page = self.store.list_page(&dir_key, Some("/"), token, None).await?;
+            let page = self.store.list_page(dir_key, Some("/"), token, None).await?;
             for p in &page.common_prefixes {
                 let name = p[dir_key.len()..].trim_end_matches('/');
                 if valid_name(name) && p.ends_with('/') && !name.contains('/') {
-                    names.insert(name.to_owned(), (Kind::Dir, None));
+                    names.insert(name.to_owned(), (Kind::Dir, Some(self.dir_stat())));
                 } else {
                     tracing::debug!(prefix = %p, "skipping prefix that cannot be a directory name");
                 }
             }
             for o in &page.objects {
-                let Some(name) = o.key.strip_prefix(dir_key.as_str()) else { continue };
+                let Some(name) = o.key.strip_prefix(dir_key) else { continue };
                 if name.is_empty() {
                     continue; // the directory's own marker object
                 }
                 if !valid_name(name) {
-                    tracing::debug!(key = %o.key, "skipping key that cannot be a file name");
+                    if name != records::RECORD_NAME && name != RESERVED_NAME {
+                        tracing::debug!(key = %o.key, "skipping key that cannot be a file name");
+                    }
                     continue;
                 }
                 // A directory of the same name wins (it may come on a later page).
@@ -1015,31 +1155,34 @@ impl<S: ObjectStore> S3Fs<S> {
                 None => break,
             }
         }
-        for child in self.inodes.pending_children(dir.ino) {
-            names.entry(child.name()).or_insert((child.kind, None));
+        Ok(names)
+    }
+
+    /// What a directory's record says about a listed entry (see [`records`]): with no record,
+    /// nothing there carries s3csi attributes (mount defaults, no HEAD); an entry the record
+    /// vouches for (same ETag and size) gets its attributes and kind; anything else is left for
+    /// a HEAD at lookup.
+    fn apply_record(&self, record: Option<&DirRecord>, name: &str, kind: &mut Kind, stat: &mut Stat) {
+        let Some(record) = record else {
+            stat.from_head = true;
+            return;
+        };
+        let entry = match kind {
+            Kind::Dir => record.dir(name),
+            _ => record.file(name, stat.etag.as_deref(), stat.size),
+        };
+        let Some(entry) = entry else {
+            stat.from_head = false;
+            return;
+        };
+        stat.attrs = StoredAttrs::decode(&entry.meta);
+        if let Some(t) = stat.attrs.mtime {
+            stat.mtime = t;
         }
-        let mut entries = Vec::with_capacity(names.len());
-        for (name, (kind, stat)) in names {
-            let inode = match (self.inodes.child(dir.ino, &name), stat) {
-                // Keep what we know (kind from HEAD, write state) for names we have seen.
-                (Some(existing), Some(stat)) if existing.kind != Kind::Dir && existing.stat().size == stat.size => {
-                    existing
-                }
-                (Some(existing), None) if existing.kind == kind || kind != Kind::Dir => existing,
-                (_, stat) => {
-                    // A directory from a listing: its attributes come from a lookup (from_head
-                    // stays false), its mtime is stable until then.
-                    let stat = stat.unwrap_or_else(|| {
-                        let mut s = self.dir_stat();
-                        s.from_head = false;
-                        s
-                    });
-                    self.inodes.upsert(dir, &name, kind, stat, false)
-                }
-            };
-            entries.push(DirEntry { ino: inode.ino, name, kind: inode.kind });
+        if *kind != Kind::Dir && stat.attrs.symlink {
+            *kind = Kind::Symlink;
         }
-        Ok(entries)
+        stat.from_head = true;
     }
 
     /// Entries of an open directory from `offset` (0 = start; `.` and `..` come first).
@@ -1521,6 +1664,67 @@ mod tests {
         let r = fs.setattr(ROOT, ROOT_INO, None, changes).await.unwrap();
         assert_eq!((r.perm, r.uid, r.gid, r.mtime), (0o700, 3, 4, t));
         assert_eq!(fs.getattr(ROOT_INO).await.unwrap().mtime, t);
+    }
+
+    #[tokio::test]
+    async fn listings_vouch_for_attributes_through_the_directory_record() {
+        let store = Arc::new(FakeStore::new("b"));
+        let fs = fs_with(Arc::clone(&store), "", Duration::from_secs(60));
+        let (_, fh) = fs.create(POD, ROOT_INO, "mine", 0o600, libc::O_WRONLY).await.unwrap();
+        fs.write(fh, 0, b"x").await.unwrap();
+        fs.release(fh).await.unwrap();
+        fs.symlink(POD, ROOT_INO, "link", "mine").await.unwrap();
+        fs.mkdir(POD, ROOT_INO, "dir", 0o700).await.unwrap();
+        store.put("foreign", b"y".to_vec());
+        store.put("plain/inside", b"z".to_vec());
+        fs.flush_records().await;
+        assert!(store.keys().contains(&".s3csi-attrs".to_owned()), "{:?}", store.keys());
+
+        // A fresh mount: one listing (LIST + record GET), then no HEAD for any entry.
+        let fs2 = fs_with(Arc::clone(&store), "", Duration::from_secs(60));
+        let heads = || store.heads.load(Ordering::Relaxed);
+        assert_eq!(names(&fs2, ROOT_INO).await, ["dir", "foreign", "link", "mine", "plain"], "the record is hidden");
+        let before = heads();
+        let mine = fs2.lookup(ROOT_INO, "mine").await.unwrap();
+        assert_eq!((mine.uid, mine.gid, mine.perm), (1000, 3000, 0o600));
+        assert_eq!(fs2.lookup(ROOT_INO, "link").await.unwrap().kind, Kind::Symlink);
+        let d = fs2.lookup(ROOT_INO, "dir").await.unwrap();
+        assert_eq!((d.uid, d.perm), (1000, 0o700));
+        assert_eq!(heads(), before, "no HEAD for entries the record vouches for");
+        // Not in the record: one HEAD, then recorded for next time.
+        let f = fs2.lookup(ROOT_INO, "foreign").await.unwrap();
+        assert_eq!((f.uid, f.perm), (7, 0o640));
+        assert_eq!(heads(), before + 1);
+
+        // Another client replaces a recorded object: the record no longer vouches (ETag).
+        store.put_with_metadata("mine", b"replaced".to_vec(), UserMetadata::new());
+        let fs3 = fs_with(Arc::clone(&store), "", Duration::from_secs(60));
+        names(&fs3, ROOT_INO).await;
+        let mine = fs3.lookup(ROOT_INO, "mine").await.unwrap();
+        assert_eq!((mine.uid, mine.perm, mine.size), (7, 0o640, 8), "the replaced object's own attributes");
+
+        // A directory nobody wrote a record in costs no HEAD: its entries are the defaults.
+        let plain = fs3.lookup(ROOT_INO, "plain").await.unwrap();
+        let before = heads();
+        assert_eq!(names(&fs3, plain.ino).await, ["inside"]);
+        let inside = fs3.lookup(plain.ino, "inside").await.unwrap();
+        assert_eq!((inside.uid, inside.perm), (7, 0o640));
+        assert_eq!(heads(), before);
+
+        // Removed entries leave the record; an emptied record is deleted.
+        for name in ["mine", "link", "foreign"] {
+            fs3.unlink(ROOT_INO, name).await.unwrap();
+        }
+        fs3.rmdir(ROOT_INO, "dir").await.unwrap();
+        fs2.flush_records().await;
+        fs3.flush_records().await;
+        let record = fs3.records.load("").await.unwrap();
+        assert_eq!(record.entries.keys().collect::<Vec<_>>(), ["plain/"], "only what still exists");
+        fs3.rmdir(ROOT_INO, "plain").await.unwrap_err();
+        fs3.unlink(plain.ino, "inside").await.unwrap();
+        fs3.note_entry(ROOT_INO, "plain", Kind::Dir, None);
+        fs3.flush_records().await;
+        assert!(store.keys().is_empty(), "{:?}", store.keys());
     }
 
     #[tokio::test]

@@ -1,0 +1,236 @@
+//! Directory attribute records: what lets a LIST vouch for attributes, so `ls -l` costs no
+//! request per entry.
+//!
+//! S3's LIST returns key, size and ETag, but no user metadata. Each directory s3csi writes in
+//! gets one hidden object, `<dir>/.s3csi-attrs`, mapping entry names to the attributes s3csi
+//! stored with them (the same encoded keys as the object's own metadata). A listing reads it with
+//! one GET beside the LIST pages:
+//! - a file entry applies only while the listed ETag and size still match: an object another
+//!   client replaced is never described by an old record;
+//! - a name missing from an existing record is looked up with a HEAD, as without records;
+//! - a directory without any record holds no s3csi attributes at all (written by other clients):
+//!   its entries take the mount defaults with no request.
+//!
+//! The objects' own metadata stays the source of truth (every HEAD and every open reads it).
+//! Records are written behind: changes are queued per directory and merged into the stored record
+//! (read, merge, write) at most once per [`FLUSH_INTERVAL`], and at unmount. A record update lost to
+//! a crash or to two mounts writing the same record at once only costs HEADs later.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use crate::s3::{ObjectId, ObjectStore, S3Error, UserMetadata};
+
+/// Name of the record object in each directory; hidden from listings, cannot be created.
+pub const RECORD_NAME: &str = ".s3csi-attrs";
+/// How often queued record changes are written.
+pub const FLUSH_INTERVAL: Duration = Duration::from_secs(1);
+/// Largest record read (a 16 MiB record describes well over 100,000 entries); a larger or
+/// unreadable one is ignored, which only costs HEADs.
+const MAX_RECORD_BYTES: u64 = 16 << 20;
+
+/// What the record says about one entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecordEntry {
+    /// ETag and size of the object it describes (absent for a directory, `name/`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub etag: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size: Option<u64>,
+    /// The object's s3csi metadata (`s3csi-mode`, `-uid`, `-gid`, `-mtime`, `-type`, ...).
+    pub meta: UserMetadata,
+}
+
+/// One directory's record.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DirRecord {
+    pub entries: BTreeMap<String, RecordEntry>,
+}
+
+impl DirRecord {
+    /// The attributes for a listed file, if the record vouches for this exact object.
+    pub fn file(&self, name: &str, etag: Option<&str>, size: u64) -> Option<&RecordEntry> {
+        self.entries.get(name).filter(|e| e.size == Some(size) && e.etag.is_some() && e.etag.as_deref() == etag)
+    }
+
+    /// The attributes recorded for a subdirectory `name`.
+    pub fn dir(&self, name: &str) -> Option<&RecordEntry> {
+        self.entries.get(&format!("{name}/"))
+    }
+}
+
+/// Record key for a subdirectory entry.
+pub fn dir_entry_name(name: &str) -> String {
+    format!("{name}/")
+}
+
+/// Queued changes: directory key -> entry name -> new entry (None: removed).
+type Pending = HashMap<String, BTreeMap<String, Option<RecordEntry>>>;
+
+/// Reads records and writes queued changes behind.
+pub struct Records<S> {
+    store: Arc<S>,
+    pending: Mutex<Pending>,
+    /// Serializes flushes, so two never merge into the same record at once.
+    flushing: tokio::sync::Mutex<()>,
+}
+
+impl<S: ObjectStore> Records<S> {
+    pub fn new(store: Arc<S>) -> Self {
+        Records { store, pending: Mutex::new(HashMap::new()), flushing: tokio::sync::Mutex::new(()) }
+    }
+
+    fn key(dir_key: &str) -> String {
+        format!("{dir_key}{RECORD_NAME}")
+    }
+
+    /// The record of a directory as stored, with the changes still queued here applied.
+    /// `None` when the directory has none (or it cannot be read).
+    pub async fn load(&self, dir_key: &str) -> Option<DirRecord> {
+        let stored = self.fetch(dir_key).await;
+        let pending = self.pending.lock().unwrap().get(dir_key).cloned();
+        match (stored, pending) {
+            (stored, None) => stored,
+            (stored, Some(changes)) => {
+                let mut r = stored.unwrap_or_default();
+                apply(&mut r, changes);
+                Some(r)
+            }
+        }
+    }
+
+    async fn fetch(&self, dir_key: &str) -> Option<DirRecord> {
+        let key = Self::key(dir_key);
+        let object = ObjectId { key: key.clone(), version: String::new(), has_etag: false };
+        let get = match self.store.get_range(&object, 0..MAX_RECORD_BYTES).await {
+            Ok(g) => g,
+            Err(S3Error::NotFound(_)) | Err(S3Error::InvalidRange(_)) => return None,
+            Err(e) => {
+                tracing::debug!(key, error = %e, "cannot read the directory attribute record; using HEADs");
+                return None;
+            }
+        };
+        use futures::StreamExt;
+        let mut body = get.body;
+        let mut data = Vec::new();
+        while let Some(chunk) = body.next().await {
+            match chunk {
+                Ok(c) => data.extend_from_slice(&c),
+                Err(e) => {
+                    tracing::debug!(key, error = %e, "cannot read the directory attribute record; using HEADs");
+                    return None;
+                }
+            }
+        }
+        match serde_json::from_slice::<DirRecord>(&data) {
+            Ok(r) => Some(r),
+            Err(e) => {
+                tracing::warn!(key, error = %e, "ignoring an unreadable directory attribute record; it is rewritten \
+                    with the next change in that directory");
+                None
+            }
+        }
+    }
+
+    /// Queues a change of entry `name` in the directory with key `dir_key`.
+    pub fn note(&self, dir_key: &str, name: &str, entry: Option<RecordEntry>) {
+        self.pending.lock().unwrap().entry(dir_key.to_owned()).or_default().insert(name.to_owned(), entry);
+    }
+
+    /// Forgets queued changes of a directory that is gone (removed or renamed away).
+    pub fn forget_dir(&self, dir_key: &str) {
+        self.pending.lock().unwrap().retain(|k, _| !k.starts_with(dir_key));
+    }
+
+    /// Deletes a directory's record object (the directory is being removed).
+    pub async fn delete(&self, dir_key: &str) -> Result<(), S3Error> {
+        self.forget_dir(dir_key);
+        self.store.delete_object(&Self::key(dir_key)).await
+    }
+
+    /// Writes every queued change: per directory, read the stored record, merge, write it (or
+    /// delete it when it became empty). Failures are logged and cost only HEADs later.
+    pub async fn flush(&self) {
+        let _one = self.flushing.lock().await;
+        let pending = std::mem::take(&mut *self.pending.lock().unwrap());
+        for (dir_key, changes) in pending {
+            let mut record = self.fetch(&dir_key).await.unwrap_or_default();
+            apply(&mut record, changes);
+            let key = Self::key(&dir_key);
+            let result = if record.entries.is_empty() {
+                self.store.delete_object(&key).await
+            } else {
+                let body = Bytes::from(serde_json::to_vec(&record).expect("a record always serializes"));
+                self.store.put_object(&key, body, &UserMetadata::new()).await.map(|_| ())
+            };
+            if let Err(e) = result {
+                tracing::warn!(key, error = %e, "cannot write the directory attribute record; listings there use \
+                    HEADs until the next change");
+            }
+        }
+    }
+}
+
+fn apply(record: &mut DirRecord, changes: BTreeMap<String, Option<RecordEntry>>) {
+    for (name, entry) in changes {
+        match entry {
+            Some(e) => {
+                record.entries.insert(name, e);
+            }
+            None => {
+                record.entries.remove(&name);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::s3::fake::FakeStore;
+
+    fn entry(etag: &str, size: u64, uid: &str) -> RecordEntry {
+        RecordEntry {
+            etag: Some(etag.into()),
+            size: Some(size),
+            meta: [("s3csi-uid".to_owned(), uid.to_owned())].into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn changes_merge_into_the_stored_record_and_an_empty_one_is_deleted() {
+        let store = Arc::new(FakeStore::new("b"));
+        let a = Records::new(Arc::clone(&store));
+        let b = Records::new(Arc::clone(&store));
+        a.note("d/", "x", Some(entry("e1", 1, "1000")));
+        assert_eq!(a.load("d/").await.unwrap().file("x", Some("e1"), 1).unwrap().meta["s3csi-uid"], "1000");
+        assert!(b.load("d/").await.is_none(), "not written yet");
+        a.flush().await;
+        // Another mount adds its own entry without losing ours.
+        b.note("d/", "y", Some(entry("e2", 2, "1001")));
+        b.flush().await;
+        let r = a.load("d/").await.unwrap();
+        assert!(r.file("x", Some("e1"), 1).is_some() && r.file("y", Some("e2"), 2).is_some());
+        // A replaced object (other ETag or size) is not vouched for.
+        assert!(r.file("x", Some("e9"), 1).is_none() && r.file("x", Some("e1"), 5).is_none());
+        a.note("d/", "x", None);
+        a.note("d/", "y", None);
+        a.flush().await;
+        assert!(store.keys().is_empty(), "{:?}", store.keys());
+    }
+
+    #[tokio::test]
+    async fn an_unreadable_record_is_ignored() {
+        let store = Arc::new(FakeStore::new("b"));
+        store.put("d/.s3csi-attrs", b"{not json".to_vec());
+        let r = Records::new(Arc::clone(&store));
+        assert!(r.load("d/").await.is_none());
+        r.note("d/", "x", Some(entry("e", 1, "7")));
+        r.flush().await;
+        assert!(r.load("d/").await.unwrap().file("x", Some("e"), 1).is_some(), "rewritten whole");
+    }
+}
