@@ -3,8 +3,14 @@
 # S3 server, uploads a few demo files through S3, builds s3csi and mounts bucket `demo` at
 # ${MOUNTPOINT:-/tmp/s3csi-demo}. Safe to run again.
 #
-#   scripts/quickstart.sh [DIR]           # no Docker: s3s-fs from crates.io (scripts/start-s3.sh)
-#   scripts/quickstart.sh --minio [DIR]   # Docker: MinIO from minio-compose.yml
+#   scripts/quickstart.sh [DIR]                         # no Docker: moto (scripts/start-s3.sh)
+#   S3CSI_SERVER=s3s-fs scripts/quickstart.sh [DIR]     # no Docker: s3s-fs, fast, no empty dirs
+#   scripts/quickstart.sh --minio [DIR]                 # Docker: MinIO from minio-compose.yml
+#
+# Without Docker, scripts/start-s3.sh starts moto (pip install 'moto[server]' when missing), which
+# supports everything the mount does, including `mkdir`, but keeps the bucket in memory: stopping
+# it loses the data. S3CSI_SERVER=s3s-fs picks s3s-fs instead (stores files on disk, much faster;
+# cannot store the marker objects of empty directories). See the header of scripts/start-s3.sh.
 set -euo pipefail
 
 USE_MINIO=no
@@ -38,12 +44,12 @@ fi
 [ -c /dev/fuse ] || die "/dev/fuse is missing: this machine (or container) has no FUSE access"
 
 if [ "$USE_MINIO" = yes ]; then
-    command -v docker >/dev/null 2>&1 || die "docker is not installed; run without --minio to use s3s-fs"
+    command -v docker >/dev/null 2>&1 || die "docker is not installed; run without --minio to use a local server"
     say "starting MinIO: docker compose -f minio-compose.yml up -d --wait"
     docker compose -f "$ROOT/minio-compose.yml" up -d --wait minio
     docker compose -f "$ROOT/minio-compose.yml" up create-bucket
 else
-    say "starting the local S3 server"
+    say "starting the local S3 server (${S3CSI_SERVER:-moto})"
     bash "$ROOT/scripts/start-s3.sh"
 fi
 
@@ -98,4 +104,7 @@ if [ "$USE_MINIO" = yes ]; then
     echo "Stop MinIO:          docker compose -f $ROOT/minio-compose.yml down"
 else
     echo "Stop the S3 server:  kill \"\$(cat ${S3CSI_DATA:-/tmp/s3csi-data}.pid)\""
+    if [ "${S3CSI_SERVER:-moto}" = moto ]; then
+        echo "                     (moto keeps the bucket in memory: stopping it loses the data)"
+    fi
 fi

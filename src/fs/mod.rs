@@ -1093,8 +1093,13 @@ impl<S: ObjectStore> S3Fs<S> {
         // The record (one GET) comes beside the LIST pages.
         let (record, names) = tokio::join!(self.records.load(&dir_key), self.list_names(&dir_key));
         let mut names = names?;
+        // Every entry counts as seen now, when the whole listing is known: with thousands of
+        // entries the first pages are seconds old by the last one, and `ls -l` looks them up
+        // only after reading the whole directory.
+        let listed_at = Instant::now();
         for (name, (kind, stat)) in names.iter_mut() {
             let Some(stat) = stat else { continue };
+            stat.validated_at = listed_at;
             self.apply_record(record.as_ref(), name, kind, stat);
         }
         for child in self.inodes.pending_children(dir.ino) {
