@@ -172,9 +172,6 @@ pub fn run_foreground(config: MountConfig, notify_ready: bool) -> anyhow::Result
         anyhow::anyhow!("cannot prepare the staging directory {}: {e}", config.fs.write.staging_dir.display())
     })?;
     let fs = Arc::new(fs);
-    if !config.fs.read_only {
-        rt.block_on(fs.check_directory_markers());
-    }
     {
         let _in_runtime = rt.enter();
         fs.start_record_flusher();
@@ -208,6 +205,11 @@ pub fn run_foreground(config: MountConfig, notify_ready: bool) -> anyhow::Result
         let _ = writeln!(out, "{READY_LINE}");
         let _ = out.flush();
         detach_stdio(config.log_file.as_deref());
+    }
+    // After the output is where it stays (the log file of a background mount), so the warning
+    // is seen; before the session runs, so no mkdir comes first.
+    if !config.fs.read_only {
+        rt.block_on(records_owner.check_directory_markers());
     }
 
     let session_thread = std::thread::Builder::new()

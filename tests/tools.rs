@@ -175,3 +175,80 @@ fn rsync_tar_cp_and_shutil_keep_times_and_modes() {
     let meta = server.user_metadata(&bucket, "rsync/sub/b.txt");
     assert_eq!(meta.get("s3csi-mtime").map(String::as_str), Some("981173106.123456789"), "{meta:?}");
 }
+
+/// `ls -l` on a fresh mount costs no HEAD: entries written through another mount are vouched
+/// for by the directory record (with their owners, modes, times and symlink type), and objects
+/// written by other clients into a directory without a record show the defaults.
+#[test]
+fn ls_l_on_a_fresh_mount_needs_no_request_per_entry() {
+    let (server, bucket) = server_and_bucket("lsl");
+    for i in 0..50 {
+        server.put(&bucket, &format!("foreign/o{i:02}"), b"from another client");
+    }
+    let writer = Mount::new(&server, &bucket, &["--allow-other"]);
+    let mine = writer.join("mine");
+    std::fs::create_dir(&mine).unwrap();
+    std::os::unix::fs::chown(&mine, Some(1000), Some(2000)).unwrap();
+    let out = pod_sh(
+        &mine,
+        "for i in $(seq -w 0 49); do echo $i > f$i; done && chmod 600 f00 && mkdir sub && \
+         ln -s f01 link && touch -h -d '2001-02-03 04:05:06.5' f02 link",
+    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let want = sh(&mine, "ls -l --time-style=+%s.%N");
+    writer.unmount(); // records are written at the latest at unmount
+
+    let port = common::free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let reader = Mount::new(&server, &bucket, &["--metrics-address", &addr]);
+    let heads = || {
+        let text = common::scrape_metrics(port);
+        common::metric_sum(&text, "s3csi_s3_requests_total", &["operation=\"HeadObject\""])
+    };
+    // Looking the two directories up by name (no listing of the root) is a probe each.
+    sh(reader.path(), "stat mine foreign >/dev/null");
+    let before = heads();
+    assert_eq!(sh(&reader.join("mine"), "ls -l --time-style=+%s.%N"), want, "the same view from a fresh mount");
+    assert_eq!(sh(&reader.join("mine"), "find . -type l"), "./link\n", "readdir reports the symlink's type");
+    let foreign = sh(&reader.join("foreign"), "ls -ln");
+    assert_eq!(foreign.lines().filter(|l| l.starts_with("-rw-r--r-- 1 0 0 19 ")).count(), 50, "{foreign}");
+    assert_eq!(heads(), before, "no HEAD for any listed entry");
+    // The record is hidden and reserved.
+    assert!(!sh(reader.path(), "ls -a mine").contains(".s3csi-attrs"));
+    assert!(std::fs::write(reader.join("mine/.s3csi-attrs"), b"x").is_err());
+    assert!(server.list_keys(&bucket, "mine/").contains(&"mine/.s3csi-attrs".to_owned()));
+}
+
+/// A server that cannot store directory markers (s3s-fs) is named once at mount time, and
+/// `mkdir` then makes a directory that lives in the mount (no EIO later).
+#[test]
+fn a_server_without_directory_markers_is_detected_at_mount_time() {
+    let server = S3Server::start();
+    let bucket = server.unique_bucket("nomarkers");
+    let log = tempfile::NamedTempFile::new().unwrap();
+    let m = Mount::new(&server, &bucket, &["--log-file", &log.path().display().to_string()]);
+    sh(m.path(), "mkdir d && sleep 1.5 && ls d && echo hi > d/f && cat d/f && ls d");
+    assert_eq!(server.get(&bucket, "d/f"), b"hi\n");
+    let text = std::fs::read_to_string(log.path()).unwrap();
+    assert_eq!(text.matches("does not keep empty directory marker objects").count(), 1, "{text}");
+    assert!(server.list_keys(&bucket, "").iter().all(|k| !k.contains("s3csi-probe")), "the probe is deleted");
+}
+
+/// `sh -c` as uid 1000, gid 2000, umask 022, in `dir`.
+fn pod_sh(dir: &Path, script: &str) -> std::process::Output {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = Command::new("sh");
+    cmd.arg("-c").arg(script).current_dir(dir).env("LC_ALL", "C");
+    // SAFETY: only async-signal-safe calls between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            let groups = [2000];
+            if libc::setgroups(1, groups.as_ptr()) != 0 || libc::setgid(2000) != 0 || libc::setuid(1000) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            libc::umask(0o022);
+            Ok(())
+        });
+    }
+    run_with_timeout(cmd, TOOL_TIMEOUT)
+}

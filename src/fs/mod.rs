@@ -907,6 +907,17 @@ impl<S: ObjectStore> S3Fs<S> {
         if inode.kind != Kind::Symlink {
             return Err(FsError::Invalid("not a symbolic link"));
         }
+        // A fresh stat names the exact object (ETag, size): read it without another HEAD. A
+        // target that changed since fails the ETag check and is asked for again.
+        let stat = inode.stat();
+        let key = self.inodes.key(&inode);
+        if let Some(etag) = stat.etag.as_ref().filter(|_| self.fresh(&stat) && stat.size > 0) {
+            let object = Arc::new(ObjectId { key, version: etag.clone(), has_etag: true });
+            match self.fetcher.read(&object, stat.size, 0..stat.size, 0).await {
+                Ok(parts) => return Ok(parts.concat().into()),
+                Err(e) => tracing::debug!(error = %e, "symlink target changed; reading it again"),
+            }
+        }
         let meta = self.head(&inode).await?;
         let object = Arc::new(ObjectId::from_meta(&meta));
         Ok(self.fetcher.read(&object, meta.size, 0..meta.size, 0).await?.concat().into())
@@ -1005,8 +1016,11 @@ impl<S: ObjectStore> S3Fs<S> {
                 self.records.delete(&key).await?;
                 self.store.delete_object(&key).await?;
             }
-            self.records.forget_dir(&old_prefix);
-            self.rename_dir(&old_prefix, &new_prefix).await?;
+            {
+                let _no_flush = self.records.exclusive().await;
+                self.records.forget_dir(&old_prefix);
+                self.rename_dir(&old_prefix, &new_prefix).await?;
+            }
             self.note_entry(parent, name, Kind::Dir, None);
             self.note_entry(newparent, newname, Kind::Dir, Self::dir_entry(&src.stat().attrs));
         } else {

@@ -141,13 +141,21 @@ impl<S: ObjectStore> Records<S> {
         self.pending.lock().unwrap().entry(dir_key.to_owned()).or_default().insert(name.to_owned(), entry);
     }
 
-    /// Forgets queued changes of a directory that is gone (removed or renamed away).
+    /// Holds off flushes while a directory's keys move or go: a flush that read the queue
+    /// before must not write a record back into a directory removed or renamed meanwhile.
+    pub async fn exclusive(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.flushing.lock().await
+    }
+
+    /// Forgets queued changes of a directory that is gone (removed or renamed away), and of
+    /// everything under it. Call while holding [`Records::exclusive`].
     pub fn forget_dir(&self, dir_key: &str) {
         self.pending.lock().unwrap().retain(|k, _| !k.starts_with(dir_key));
     }
 
     /// Deletes a directory's record object (the directory is being removed).
     pub async fn delete(&self, dir_key: &str) -> Result<(), S3Error> {
+        let _no_flush = self.exclusive().await;
         self.forget_dir(dir_key);
         self.store.delete_object(&Self::key(dir_key)).await
     }
