@@ -58,7 +58,7 @@ fn a_stored_mtime_survives_chmod_chown_and_a_remount() {
     std::thread::sleep(Duration::from_millis(1500));
     assert_eq!(sh(m.path(), "stat -c '%y %a %u %g' f"), want);
     let meta = server.user_metadata(&bucket, "f");
-    assert_eq!(meta.get("s3csi-mtime").map(String::as_str), Some("981173106.0"), "{meta:?}");
+    assert_eq!(meta.get("s3csi-mtime").map(String::as_str), Some("981173106.000000000"), "{meta:?}");
     m.unmount();
     let m = Mount::new(&server, &bucket, &[]);
     assert_eq!(sh(m.path(), "stat -c '%y %a %u %g' f"), want, "after a remount");

@@ -8,7 +8,8 @@
 //!   of other tools survives.
 //! - Decoding never panics: any value S3 returns is input. An invalid value is ignored (the
 //!   mount default applies) with one warning that names the key and the value.
-//! - Times keep nanoseconds: `<seconds>.<nanoseconds>` since the epoch.
+//! - Times keep nanoseconds: a decimal number of seconds since the epoch with nine fraction
+//!   digits (`981173106.000000042`), negative before 1970.
 
 use std::time::{Duration, SystemTime};
 
@@ -100,24 +101,36 @@ impl StoredAttrs {
     }
 }
 
-/// `<seconds>.<nanoseconds>` since the epoch; `None` for anything else, including times
+/// A decimal number of seconds since the epoch, negative before it, with up to nine fraction
+/// digits (`981173106.123456789`, `-301987200.75`); `None` for anything else, including times
 /// `SystemTime` cannot hold.
 pub fn parse_time(v: &str) -> Option<SystemTime> {
-    let (secs, frac) = v.split_once('.').unwrap_or((v, "0"));
-    let secs: u64 = secs.parse().ok()?;
-    if frac.is_empty() || frac.len() > 9 || !frac.bytes().all(|b| b.is_ascii_digit()) {
+    let (negative, v) = match v.strip_prefix('-') {
+        Some(rest) => (true, rest),
+        None => (false, v),
+    };
+    let (secs, frac) = v.split_once('.').unwrap_or((v, ""));
+    if secs.is_empty() || !secs.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
-    // Written as nanoseconds (no leading-zero padding, as `format_time` writes them), so the
-    // fraction is the nanosecond count itself.
-    let nanos: u32 = frac.parse().ok()?;
-    SystemTime::UNIX_EPOCH.checked_add(Duration::new(secs, nanos))
+    if frac.len() > 9 || !frac.bytes().all(|b| b.is_ascii_digit()) || (v.contains('.') && frac.is_empty()) {
+        return None;
+    }
+    let secs: u64 = secs.parse().ok()?;
+    let nanos: u32 = if frac.is_empty() { 0 } else { format!("{frac:0<9}").parse().ok()? };
+    let d = Duration::new(secs, nanos);
+    if negative { SystemTime::UNIX_EPOCH.checked_sub(d) } else { SystemTime::UNIX_EPOCH.checked_add(d) }
 }
 
-/// The inverse of [`parse_time`]; times before the epoch are stored as the epoch.
+/// The inverse of [`parse_time`]: seconds with all nine fraction digits.
 pub fn format_time(t: SystemTime) -> String {
-    let d = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
-    format!("{}.{}", d.as_secs(), d.subsec_nanos())
+    match t.duration_since(SystemTime::UNIX_EPOCH) {
+        Ok(d) => format!("{}.{:09}", d.as_secs(), d.subsec_nanos()),
+        Err(before) => {
+            let d = before.duration();
+            format!("-{}.{:09}", d.as_secs(), d.subsec_nanos())
+        }
+    }
 }
 
 #[cfg(test)]
@@ -148,8 +161,9 @@ mod tests {
 
     #[test_case(META_MTIME, "18446744073709551615.0")]
     #[test_case(META_MTIME, "1.9999999999")]
-    #[test_case(META_MTIME, "-1.0")]
     #[test_case(META_MTIME, "12.")]
+    #[test_case(META_MTIME, "--1.0")]
+    #[test_case(META_MTIME, "1e9")]
     #[test_case(META_MODE, "177777")]
     #[test_case(META_MODE, "rwx")]
     #[test_case(META_UID, "-1")]
@@ -160,10 +174,25 @@ mod tests {
         assert_eq!(a, StoredAttrs { other: meta(&[("other-tool", "kept")]), ..Default::default() });
     }
 
+    #[test_case("1000000000.5", 1_000_000_000, 500_000_000)]
+    #[test_case("978307200.050000000", 978_307_200, 50_000_000)]
+    #[test_case("12", 12, 0)]
+    fn times_are_decimal_seconds(v: &str, secs: u64, nanos: u32) {
+        assert_eq!(parse_time(v), Some(SystemTime::UNIX_EPOCH + Duration::new(secs, nanos)));
+    }
+
+    #[test]
+    fn times_before_1970_are_kept() {
+        let t = SystemTime::UNIX_EPOCH - Duration::new(301_987_200, 250_000_000);
+        assert_eq!(format_time(t), "-301987200.250000000");
+        assert_eq!(parse_time("-301987200.25"), Some(t));
+    }
+
     proptest! {
         #[test]
-        fn times_keep_nanoseconds(secs in 0u64..(1 << 40), nanos in 0u32..1_000_000_000) {
-            let t = SystemTime::UNIX_EPOCH + Duration::new(secs, nanos);
+        fn times_keep_nanoseconds(secs in 0u64..(1 << 40), nanos in 0u32..1_000_000_000, before in proptest::bool::ANY) {
+            let d = Duration::new(secs, nanos);
+            let t = if before { SystemTime::UNIX_EPOCH - d } else { SystemTime::UNIX_EPOCH + d };
             prop_assert_eq!(parse_time(&format_time(t)), Some(t));
         }
 

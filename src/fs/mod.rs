@@ -300,12 +300,12 @@ impl<S: ObjectStore> S3Fs<S> {
     /// The record entry for an object with `etag`, `size` and stored attributes.
     fn file_entry(etag: &str, size: u64, attrs: &StoredAttrs) -> Option<RecordEntry> {
         let ours = StoredAttrs { other: UserMetadata::new(), ..attrs.clone() };
-        Some(RecordEntry { etag: Some(etag.to_owned()), size: Some(size), meta: ours.encode() })
+        Some(RecordEntry { etag: Some(etag.to_owned()), size: Some(size), last_modified: None, meta: ours.encode() })
     }
 
     fn dir_entry(attrs: &StoredAttrs) -> Option<RecordEntry> {
         let ours = StoredAttrs { other: UserMetadata::new(), ..attrs.clone() };
-        Some(RecordEntry { etag: None, size: None, meta: ours.encode() })
+        Some(RecordEntry { etag: None, size: None, last_modified: None, meta: ours.encode() })
     }
 
     pub fn ttl(&self) -> Duration {
@@ -461,8 +461,14 @@ impl<S: ObjectStore> S3Fs<S> {
             let stat = c.stat();
             c.kind == Kind::Dir && self.fresh(&stat) && !stat.from_head
         });
+        let known_dir = self.inodes.child(dir.ino, name).filter(|c| c.kind == Kind::Dir).map(|c| c.stat());
         match self.probe(&self.inodes.key(dir), name).await? {
-            Some((kind, stat)) => {
+            Some((kind, mut stat)) => {
+                // A directory without a marker (a server that cannot keep one) keeps what the
+                // record said of it, instead of falling back to the defaults.
+                if let Some(known) = known_dir.filter(|_| kind == Kind::Dir && stat.attrs == StoredAttrs::default()) {
+                    (stat.attrs, stat.mtime) = (known.attrs, known.mtime);
+                }
                 if unrecorded_dir && kind == Kind::Dir {
                     self.records.note(&self.inodes.key(dir), &dir_entry_name(name), Self::dir_entry(&stat.attrs));
                 }
@@ -781,9 +787,13 @@ impl<S: ObjectStore> S3Fs<S> {
                 Self::dir_entry(&stat.attrs)
             }
             Some((object, size)) => {
-                let etag = self.copy_any(&object, size, &key, Some(&metadata)).await?;
-                stat.etag = Some(etag.clone());
-                Self::file_entry(&etag, size, &stat.attrs)
+                let copied = self.copy_any(&object, size, &key, Some(&metadata)).await?;
+                stat.etag = Some(copied.etag.clone());
+                let mut entry = Self::file_entry(&copied.etag, size, &stat.attrs);
+                if let Some(e) = entry.as_mut() {
+                    e.last_modified = copied.last_modified.and_then(records::unix_secs);
+                }
+                entry
             }
         };
         self.note_entry(inode.parent(), &inode.name(), inode.kind, entry);
@@ -821,7 +831,7 @@ impl<S: ObjectStore> S3Fs<S> {
         size: u64,
         dest: &str,
         metadata: Option<&UserMetadata>,
-    ) -> Result<String, FsError> {
+    ) -> Result<crate::s3::Copied, FsError> {
         if size <= self.copy_object_max {
             return Ok(self.store.copy_object(src, dest, metadata).await?);
         }
@@ -851,7 +861,8 @@ impl<S: ObjectStore> S3Fs<S> {
             Err(e) => Err(e),
         };
         match result {
-            Ok(etag) => Ok(etag),
+            // A multipart copy gets a new ETag of its own; its time is not reported.
+            Ok(etag) => Ok(crate::s3::Copied { etag, last_modified: None }),
             Err(e) => {
                 if let Err(abort) = self.store.abort_multipart_upload(dest, &id).await {
                     tracing::warn!(key = dest, error = %abort, "cannot abort multipart copy");
@@ -1029,11 +1040,15 @@ impl<S: ObjectStore> S3Fs<S> {
                 self.commit(&src, state).await?;
             }
             let meta = self.head(&src).await?;
-            let etag = self.copy_any(&ObjectId::from_meta(&meta), meta.size, &new_key_base, None).await?;
+            let copied = self.copy_any(&ObjectId::from_meta(&meta), meta.size, &new_key_base, None).await?;
             self.store.delete_object(&meta.key).await?;
             let attrs = stat_from_meta(&meta).attrs;
             self.note_entry(parent, name, src.kind, None);
-            self.note_entry(newparent, newname, src.kind, Self::file_entry(&etag, meta.size, &attrs));
+            let mut entry = Self::file_entry(&copied.etag, meta.size, &attrs);
+            if let Some(e) = entry.as_mut() {
+                e.last_modified = copied.last_modified.and_then(records::unix_secs);
+            }
+            self.note_entry(newparent, newname, src.kind, entry);
             if let Some(state) = &state {
                 // Open handles keep writing under the new name; unchanged bytes now live there.
                 let copied = self.store.head_object(&new_key_base).await?;
@@ -1188,7 +1203,7 @@ impl<S: ObjectStore> S3Fs<S> {
         };
         let entry = match kind {
             Kind::Dir => record.dir(name),
-            _ => record.file(name, stat.etag.as_deref(), stat.size),
+            _ => record.file(name, stat.etag.as_deref(), stat.size, stat.mtime),
         };
         let Some(entry) = entry else {
             stat.from_head = false;
@@ -1631,7 +1646,7 @@ mod tests {
             fs.setattr(ROOT, f.ino, None, SetAttr { uid: Some(5), gid: Some(6), ..Default::default() }).await.unwrap();
         assert_eq!((a.mtime, a.atime, a.perm, a.uid, a.gid), (t, t, 0o600, 5, 6));
         let m = meta_of(&store, "f");
-        assert_eq!(m.get(META_MTIME).map(String::as_str), Some("981173106.42"));
+        assert_eq!(m.get(META_MTIME).map(String::as_str), Some("981173106.000000042"));
         assert_eq!(m.get("team").map(String::as_str), Some("a"), "other tools' metadata survives");
         let fs2 = fs_with(Arc::clone(&store), "", Duration::from_secs(60));
         let again = fs2.lookup(ROOT_INO, "f").await.unwrap();
@@ -1744,6 +1759,27 @@ mod tests {
         fs3.note_entry(ROOT_INO, "plain", Kind::Dir, None);
         fs3.flush_records().await;
         assert!(store.keys().is_empty(), "{:?}", store.keys());
+    }
+
+    #[tokio::test]
+    async fn a_record_never_outvotes_a_later_attribute_change() {
+        // Two mounts chmod one file; their record updates land in the wrong order. A copy keeps
+        // the ETag (as S3 does) but not Last-Modified, so the listing sees the record is old.
+        let store = Arc::new(FakeStore::new("b"));
+        let a = fs_with(Arc::clone(&store), "", Duration::from_secs(60));
+        let b = fs_with(Arc::clone(&store), "", Duration::from_secs(60));
+        write_file(&a, "f", b"x", 1).await;
+        a.flush_records().await;
+        let fb = b.lookup(ROOT_INO, "f").await.unwrap();
+        b.setattr(ROOT, fb.ino, None, SetAttr { mode: Some(0o600), ..Default::default() }).await.unwrap();
+        std::thread::sleep(Duration::from_millis(1100));
+        let fa = a.lookup(ROOT_INO, "f").await.unwrap();
+        a.setattr(ROOT, fa.ino, None, SetAttr { mode: Some(0o700), ..Default::default() }).await.unwrap();
+        a.flush_records().await;
+        b.flush_records().await; // the older change is written last
+        let c = fs_with(Arc::clone(&store), "", Duration::from_secs(60));
+        names(&c, ROOT_INO).await;
+        assert_eq!(c.lookup(ROOT_INO, "f").await.unwrap().perm, 0o700, "the object's own mode wins");
     }
 
     #[tokio::test]

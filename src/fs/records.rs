@@ -18,7 +18,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
@@ -41,6 +41,11 @@ pub struct RecordEntry {
     pub etag: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub size: Option<u64>,
+    /// The object's Last-Modified in whole seconds, when known (a CopyObject reports it; a PUT
+    /// does not). A metadata-only change (chmod through another mount, or by another client)
+    /// keeps the ETag of a single-part object but not its Last-Modified.
+    #[serde(default, rename = "lm", skip_serializing_if = "Option::is_none")]
+    pub last_modified: Option<i64>,
     /// The object's s3csi metadata (`s3csi-mode`, `-uid`, `-gid`, `-mtime`, `-type`, ...).
     pub meta: UserMetadata,
 }
@@ -52,14 +57,29 @@ pub struct DirRecord {
 }
 
 impl DirRecord {
-    /// The attributes for a listed file, if the record vouches for this exact object.
-    pub fn file(&self, name: &str, etag: Option<&str>, size: u64) -> Option<&RecordEntry> {
-        self.entries.get(name).filter(|e| e.size == Some(size) && e.etag.is_some() && e.etag.as_deref() == etag)
+    /// The attributes for a listed file (ETag, size and Last-Modified from the listing), if
+    /// the record vouches for this exact object.
+    pub fn file(&self, name: &str, etag: Option<&str>, size: u64, listed: SystemTime) -> Option<&RecordEntry> {
+        self.entries.get(name).filter(|e| {
+            e.size == Some(size)
+                && e.etag.is_some()
+                && e.etag.as_deref() == etag
+                && e.last_modified.is_none_or(|lm| Some(lm) == unix_secs(listed))
+        })
     }
 
     /// The attributes recorded for a subdirectory `name`.
     pub fn dir(&self, name: &str) -> Option<&RecordEntry> {
         self.entries.get(&format!("{name}/"))
+    }
+}
+
+/// Whole seconds since the epoch (listings and copies report Last-Modified to the second or
+/// the millisecond; whole seconds compare alike).
+pub fn unix_secs(t: SystemTime) -> Option<i64> {
+    match t.duration_since(SystemTime::UNIX_EPOCH) {
+        Ok(d) => i64::try_from(d.as_secs()).ok(),
+        Err(e) => i64::try_from(e.duration().as_secs_f64().ceil() as u64).ok().map(|s| -s),
     }
 }
 
@@ -205,6 +225,7 @@ mod tests {
         RecordEntry {
             etag: Some(etag.into()),
             size: Some(size),
+            last_modified: None,
             meta: [("s3csi-uid".to_owned(), uid.to_owned())].into(),
         }
     }
@@ -215,16 +236,25 @@ mod tests {
         let a = Records::new(Arc::clone(&store));
         let b = Records::new(Arc::clone(&store));
         a.note("d/", "x", Some(entry("e1", 1, "1000")));
-        assert_eq!(a.load("d/").await.unwrap().file("x", Some("e1"), 1).unwrap().meta["s3csi-uid"], "1000");
+        assert_eq!(
+            a.load("d/").await.unwrap().file("x", Some("e1"), 1, SystemTime::UNIX_EPOCH).unwrap().meta["s3csi-uid"],
+            "1000"
+        );
         assert!(b.load("d/").await.is_none(), "not written yet");
         a.flush().await;
         // Another mount adds its own entry without losing ours.
         b.note("d/", "y", Some(entry("e2", 2, "1001")));
         b.flush().await;
         let r = a.load("d/").await.unwrap();
-        assert!(r.file("x", Some("e1"), 1).is_some() && r.file("y", Some("e2"), 2).is_some());
+        assert!(
+            r.file("x", Some("e1"), 1, SystemTime::UNIX_EPOCH).is_some()
+                && r.file("y", Some("e2"), 2, SystemTime::UNIX_EPOCH).is_some()
+        );
         // A replaced object (other ETag or size) is not vouched for.
-        assert!(r.file("x", Some("e9"), 1).is_none() && r.file("x", Some("e1"), 5).is_none());
+        assert!(
+            r.file("x", Some("e9"), 1, SystemTime::UNIX_EPOCH).is_none()
+                && r.file("x", Some("e1"), 5, SystemTime::UNIX_EPOCH).is_none()
+        );
         a.note("d/", "x", None);
         a.note("d/", "y", None);
         a.flush().await;
@@ -239,6 +269,9 @@ mod tests {
         assert!(r.load("d/").await.is_none());
         r.note("d/", "x", Some(entry("e", 1, "7")));
         r.flush().await;
-        assert!(r.load("d/").await.unwrap().file("x", Some("e"), 1).is_some(), "rewritten whole");
+        assert!(
+            r.load("d/").await.unwrap().file("x", Some("e"), 1, SystemTime::UNIX_EPOCH).is_some(),
+            "rewritten whole"
+        );
     }
 }

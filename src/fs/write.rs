@@ -20,7 +20,8 @@
 //! `utimes` set, whichever came last. Every upload stores the mtime the file has when the upload
 //! begins, and after a commit the file reports exactly the stored value, so its mtime never
 //! changes by itself afterwards. (A streamed multipart upload begins with its first part: the
-//! stored mtime is that moment, unless a `utimes` came later, which is then stored too.)
+//! stored mtime is that moment, and the file reports it from then on, also while it is still
+//! being written; a `utimes` that comes later is stored too.)
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -619,6 +620,13 @@ impl OpenFile {
     ) -> Result<(), FsError> {
         self.dirty = true;
         self.touch();
+        // A multipart upload stores the mtime it began with: from then on the file reports
+        // that one, so its mtime does not jump back at commit.
+        if let Body::Streaming(st) = &self.body
+            && let Some(began) = st.sent.as_ref().and_then(|a| a.mtime)
+        {
+            self.mtime = began;
+        }
         let attrs = self.upload_attrs();
         match &mut self.body {
             Body::Streaming(st) => {
@@ -785,8 +793,8 @@ impl OpenFile {
         let explicit_mtime = self.mtime_explicit && stored.mtime != attrs.mtime;
         let changed = !stored.same_except_times(&attrs) || explicit_mtime || stored.atime != attrs.atime;
         if changed && self.size <= super::COPY_OBJECT_MAX {
-            let etag = ctx.store.copy_object(&object, key, Some(&attrs.encode())).await.map_err(FsError::from)?;
-            object = ObjectId { key: key.to_owned(), version: etag, has_etag: true };
+            let copied = ctx.store.copy_object(&object, key, Some(&attrs.encode())).await.map_err(FsError::from)?;
+            object = ObjectId { key: key.to_owned(), version: copied.etag, has_etag: true };
         } else {
             if changed {
                 tracing::warn!(

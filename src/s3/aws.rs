@@ -25,7 +25,7 @@ use aws_smithy_runtime_api::client::orchestrator::HttpResponse;
 use bytes::Bytes;
 use futures::StreamExt;
 
-use super::{CompletedPart, GetObject, ListPage, ObjectId, ObjectMeta, ObjectStore, S3Error, UserMetadata};
+use super::{CompletedPart, Copied, GetObject, ListPage, ObjectId, ObjectMeta, ObjectStore, S3Error, UserMetadata};
 use crate::config::S3Config;
 
 /// Attempts per request, including the first. With the SDK's exponential backoff this rides
@@ -535,7 +535,7 @@ impl ObjectStore for AwsStore {
         source: &ObjectId,
         dest_key: &str,
         metadata: Option<&UserMetadata>,
-    ) -> Result<String, S3Error> {
+    ) -> Result<Copied, S3Error> {
         let mut req = self
             .client
             .copy_object()
@@ -547,7 +547,11 @@ impl ObjectStore for AwsStore {
             req = req.metadata_directive(MetadataDirective::Replace).set_metadata(metadata_map(m));
         }
         let out = req.send().await.map_err(|e| map_sdk_error("CopyObject", &self.bucket, &source.key, e))?;
-        Ok(out.copy_object_result().and_then(|r| r.e_tag()).unwrap_or_default().to_owned())
+        let result = out.copy_object_result();
+        Ok(Copied {
+            etag: result.and_then(|r| r.e_tag()).unwrap_or_default().to_owned(),
+            last_modified: result.and_then(|r| r.last_modified()).and_then(|t| SystemTime::try_from(*t).ok()),
+        })
     }
 
     async fn delete_object(&self, key: &str) -> Result<(), S3Error> {

@@ -14,7 +14,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use futures::StreamExt;
 
-use super::{CompletedPart, GetObject, ListPage, ObjectId, ObjectMeta, ObjectStore, S3Error, UserMetadata};
+use super::{CompletedPart, Copied, GetObject, ListPage, ObjectId, ObjectMeta, ObjectStore, S3Error, UserMetadata};
 
 const DEFAULT_MAX_KEYS: usize = 1000;
 /// GET bodies are cut into chunks of this size, like a network stream.
@@ -331,11 +331,15 @@ impl ObjectStore for FakeStore {
         source: &ObjectId,
         dest_key: &str,
         metadata: Option<&UserMetadata>,
-    ) -> Result<String, S3Error> {
+    ) -> Result<Copied, S3Error> {
         self.injected_put_failure("CopyObject")?;
         let src = self.current(source)?;
         let metadata = metadata.cloned().unwrap_or(src.metadata);
-        Ok(self.store(dest_key, src.data, metadata))
+        // As S3 does for a single-part object: the copy keeps the ETag, not the time.
+        let last_modified = SystemTime::now();
+        let obj = FakeObject { data: src.data, etag: src.etag.clone(), last_modified, metadata };
+        self.objects.lock().unwrap().insert(dest_key.to_owned(), obj);
+        Ok(Copied { etag: src.etag, last_modified: Some(last_modified) })
     }
 
     async fn delete_object(&self, key: &str) -> Result<(), S3Error> {

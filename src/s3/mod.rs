@@ -32,6 +32,14 @@ pub struct ObjectMeta {
 /// User metadata of an object, lower-case names without the `x-amz-meta-` prefix.
 pub type UserMetadata = BTreeMap<String, String>;
 
+/// The object a CopyObject made. A copy of a single-part object keeps its ETag (the MD5 of the
+/// bytes), so only `last_modified` tells a metadata change apart in a listing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Copied {
+    pub etag: String,
+    pub last_modified: Option<SystemTime>,
+}
+
 /// One completed part of a multipart upload.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CompletedPart {
@@ -191,7 +199,7 @@ pub trait ObjectStore: Send + Sync + 'static {
         source: &ObjectId,
         dest_key: &str,
         metadata: Option<&UserMetadata>,
-    ) -> Result<String, S3Error>;
+    ) -> Result<Copied, S3Error>;
 
     /// Deletes one object; deleting a missing key succeeds (as in S3).
     async fn delete_object(&self, key: &str) -> Result<(), S3Error>;
