@@ -495,7 +495,7 @@ impl<S: ObjectStore> S3Fs<S> {
         let inode = self.inode(ino)?;
         if inode.kind != Kind::Dir && inode.open_state().is_none() && !self.fresh(&inode.stat()) {
             match self.store.head_object(&self.inodes.key(&inode)).await {
-                Ok(meta) => inode.set_stat(stat_from_meta(&meta)),
+                Ok(meta) => self.refresh(&inode, &meta),
                 Err(S3Error::NotFound(_)) => {
                     self.inodes.unlink_name(inode.parent(), &inode.name());
                     return Err(FsError::NotFound);
@@ -520,7 +520,7 @@ impl<S: ObjectStore> S3Fs<S> {
     async fn head(&self, inode: &Inode) -> Result<ObjectMeta, FsError> {
         match self.store.head_object(&self.inodes.key(inode)).await {
             Ok(meta) => {
-                inode.set_stat(stat_from_meta(&meta));
+                self.refresh(inode, &meta);
                 Ok(meta)
             }
             Err(S3Error::NotFound(_)) => {
@@ -529,6 +529,29 @@ impl<S: ObjectStore> S3Fs<S> {
             }
             Err(e) => Err(e.into()),
         }
+    }
+
+    /// Takes what a HEAD said about `inode`. When the attributes believed so far (from a
+    /// listing and its directory record) turn out wrong for the same object, the record was
+    /// stale (identical bytes rewritten by another client, or a lost record update): correct it,
+    /// with the object's Last-Modified so the entry is checked strictly from now on.
+    fn refresh(&self, inode: &Inode, meta: &ObjectMeta) {
+        let fresh = stat_from_meta(meta);
+        let old = inode.stat();
+        let ours = |a: &StoredAttrs| StoredAttrs { other: UserMetadata::new(), ..a.clone() };
+        if old.from_head
+            && old.etag == fresh.etag
+            && ours(&old.attrs) != ours(&fresh.attrs)
+            && let Some(etag) = &fresh.etag
+        {
+            let mut entry = Self::file_entry(etag, fresh.size, &fresh.attrs);
+            if let Some(e) = entry.as_mut() {
+                e.last_modified = records::unix_secs(meta.last_modified);
+            }
+            tracing::debug!(key = %meta.key, "directory record was stale for this object; correcting it");
+            self.note_entry(inode.parent(), &inode.name(), inode.kind, entry);
+        }
+        inode.set_stat(fresh);
     }
 
     /// The write state of a file, creating it from S3 (or empty, for `truncate`) when needed.
@@ -1780,6 +1803,24 @@ mod tests {
         let c = fs_with(Arc::clone(&store), "", Duration::from_secs(60));
         names(&c, ROOT_INO).await;
         assert_eq!(c.lookup(ROOT_INO, "f").await.unwrap().perm, 0o700, "the object's own mode wins");
+
+        // Another client rewrites the same bytes without attributes (same ETag; a PUT through
+        // the mount recorded no Last-Modified): a listing believes the record, but the first
+        // open reads the object's own metadata and corrects the record for every mount.
+        write_file(&a, "g", b"same", 1).await; // stored mode 0644, recorded without a time
+        a.flush_records().await;
+        store.rewrite_same_bytes("g", UserMetadata::new());
+        let d = fs_with(Arc::clone(&store), "", Duration::from_secs(60));
+        names(&d, ROOT_INO).await;
+        let g = d.lookup(ROOT_INO, "g").await.unwrap();
+        assert_eq!(g.perm, 0o644, "the listing believes the record (same ETag, size)");
+        let fh = d.open(g.ino, libc::O_RDONLY).await.unwrap();
+        d.release(fh).await.unwrap();
+        assert_eq!(d.getattr(g.ino).await.unwrap().perm, 0o640, "after open: the object's own (none)");
+        d.flush_records().await;
+        let e = fs_with(Arc::clone(&store), "", Duration::from_secs(60));
+        names(&e, ROOT_INO).await;
+        assert_eq!(e.lookup(ROOT_INO, "g").await.unwrap().perm, 0o640, "the record was corrected");
     }
 
     #[tokio::test]

@@ -75,6 +75,16 @@ impl FakeStore {
         self.store(key, data.into(), UserMetadata::new());
     }
 
+    /// Rewrites an object with the same bytes and new metadata, as another client's PUT of
+    /// identical content does on S3: the ETag (the MD5 of the bytes) stays, the time moves.
+    pub fn rewrite_same_bytes(&self, key: &str, metadata: UserMetadata) {
+        let mut objects = self.objects.lock().unwrap();
+        if let Some(o) = objects.get_mut(key) {
+            o.metadata = metadata;
+            o.last_modified = SystemTime::now();
+        }
+    }
+
     /// Stores an object with user metadata, as another S3 client would.
     pub fn put_with_metadata(&self, key: &str, data: impl Into<Bytes>, metadata: UserMetadata) {
         self.store(key, data.into(), metadata);
