@@ -104,6 +104,19 @@ fn is_symlink(path: &Path) -> bool {
     std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink())
 }
 
+/// Something that is not this volume's mount sits at `path`: a live one is `AlreadyExists`, a
+/// dead one `FailedPrecondition` (an operator must unmount it; the node never touches it).
+fn not_ours(what: &str, path: &Path, state: &MountState) -> CsiError {
+    let (fstype, source) = state.entry().map_or(("", ""), |e| (e.fstype.as_str(), e.source.as_str()));
+    match state {
+        MountState::Dead(_) => CsiError::FailedPrecondition(format!(
+            "{what} {} has a dead {fstype} mount of {source} that is not ours; unmount it",
+            path.display()
+        )),
+        _ => CsiError::AlreadyExists(format!("{what} {} already has a {fstype} mount of {source}", path.display())),
+    }
+}
+
 fn internal(what: impl std::fmt::Display) -> CsiError {
     CsiError::Internal(what.to_string())
 }
@@ -202,7 +215,7 @@ impl NodeService {
     /// Logs what an earlier instance left staged; nothing is changed until the CO asks.
     fn report_recovered(&self) {
         for v in self.state.all() {
-            let mount = self.mounter.state(&v.staging_path);
+            let mount = self.mount_state(&v.staging_path);
             let process = v.pid != 0 && is_mount_process(v.pid, &v.staging_path);
             tracing::info!(
                 volume = %v.volume_id,
@@ -213,6 +226,12 @@ impl NodeService {
                 "found a volume staged by an earlier instance"
             );
         }
+    }
+
+    /// What is mounted at `path`. The check may wait up to `LIVENESS_TIMEOUT` for a FUSE server,
+    /// so it leaves the async worker for the time (other RPCs keep being served).
+    fn mount_state(&self, path: &Path) -> MountState {
+        tokio::task::block_in_place(|| self.mounter.state(path))
     }
 
     /// Detaches a dead mount at `path` so it can be mounted again.
@@ -231,7 +250,7 @@ impl NodeService {
         if !is_our_type(entry) || entry.source != source {
             return false;
         }
-        match staging.and_then(|s| self.mounter.state(s).entry().cloned()) {
+        match staging.and_then(|s| self.mount_state(s).entry().cloned()) {
             Some(staged) if is_our_type(&staged) => staged.device == entry.device,
             _ => true,
         }
@@ -243,7 +262,7 @@ impl NodeService {
         // Enough for binds stacked by retries; a loop that makes no progress ends here.
         const MAX_STACKED: usize = 16;
         for _ in 0..MAX_STACKED {
-            let state = self.mounter.state(path);
+            let state = self.mount_state(path);
             let Some(entry) = state.entry() else { return Ok(true) };
             if !source.is_some_and(|source| self.is_ours(entry, source, staging)) {
                 tracing::warn!(
@@ -334,7 +353,7 @@ impl NodeService {
                     old.staging_path.display()
                 )));
             }
-            match self.mounter.state(&staging) {
+            match self.mount_state(&staging) {
                 MountState::Healthy(e)
                     if self.is_ours(&e, &old_source, None)
                         && essential_args(&old.mount_args) == essential_args(&spec.args) =>
@@ -352,31 +371,16 @@ impl NodeService {
                         staging.display()
                     )));
                 }
-                MountState::Healthy(e) => {
-                    return Err(CsiError::AlreadyExists(format!(
-                        "staging path {} has a {} mount of {}, not volume {id}",
-                        staging.display(),
-                        e.fstype,
-                        e.source
-                    )));
-                }
                 MountState::Dead(e) if self.is_ours(&e, &old_source, None) => self.clear_dead(&staging)?,
-                MountState::Dead(e) => {
-                    return Err(CsiError::FailedPrecondition(format!(
-                        "staging path {} has a dead {} mount of {} that is not ours; unmount it",
-                        staging.display(),
-                        e.fstype,
-                        e.source
-                    )));
-                }
                 MountState::NotMounted => {}
+                foreign => return Err(not_ours("staging path", &staging, &foreign)),
             }
             if old.pid != 0 {
                 let (sup, pid, path) = (self.supervisor.clone(), old.pid, staging.clone());
                 let _ = tokio::task::spawn_blocking(move || sup.stop(pid, &path)).await;
             }
         } else {
-            match self.mounter.state(&staging) {
+            match self.mount_state(&staging) {
                 MountState::Healthy(e) if self.is_ours(&e, &source, None) => {
                     // Staged by an instance whose state was lost: adopt the live mount.
                     let pid = find_mount_process(&staging);
@@ -392,24 +396,9 @@ impl NodeService {
                     self.state.save(&stem, &v).map_err(internal)?;
                     return Ok(NodeStageVolumeResponse {});
                 }
-                MountState::Healthy(e) => {
-                    return Err(CsiError::AlreadyExists(format!(
-                        "staging path {} already has a {} mount of {}",
-                        staging.display(),
-                        e.fstype,
-                        e.source
-                    )));
-                }
                 MountState::Dead(e) if self.is_ours(&e, &source, None) => self.clear_dead(&staging)?,
-                MountState::Dead(e) => {
-                    return Err(CsiError::FailedPrecondition(format!(
-                        "staging path {} has a dead {} mount of {} that is not ours; unmount it",
-                        staging.display(),
-                        e.fstype,
-                        e.source
-                    )));
-                }
                 MountState::NotMounted => {}
+                foreign => return Err(not_ours("staging path", &staging, &foreign)),
             }
         }
 
@@ -459,7 +448,7 @@ impl NodeService {
         let source = id.as_ref().map(|id| expected_source(id, record.as_ref().map(|v| v.mount_args.as_slice())));
         if let (Some(v), Some(source)) = (&record, &source) {
             for target in v.targets.keys() {
-                if self.mounter.state(target).entry().is_some_and(|e| self.is_ours(e, source, None)) {
+                if self.mount_state(target).entry().is_some_and(|e| self.is_ours(e, source, None)) {
                     return Err(CsiError::FailedPrecondition(format!(
                         "volume {} is still published at {}; unpublish it first",
                         req.volume_id,
@@ -468,7 +457,7 @@ impl NodeService {
                 }
             }
         }
-        if self.mounter.state(&staging) == MountState::NotMounted && is_symlink(&staging) {
+        if self.mount_state(&staging) == MountState::NotMounted && is_symlink(&staging) {
             tracing::warn!(staging = %staging.display(), "staging path is a symbolic link, not ours; left alone");
         } else {
             self.unmount_ours(&staging, source.as_deref(), None)?;
@@ -514,7 +503,7 @@ impl NodeService {
             )));
         };
         let source = expected_source(&id, Some(&v.mount_args));
-        if !matches!(self.mounter.state(&staging), MountState::Healthy(e) if self.is_ours(&e, &source, None)) {
+        if !matches!(self.mount_state(&staging), MountState::Healthy(e) if self.is_ours(&e, &source, None)) {
             return Err(CsiError::FailedPrecondition(format!(
                 "the staging mount of volume {id} at {} is gone (its mount process died; see {}); \
                  unstage and stage the volume again",
@@ -522,7 +511,7 @@ impl NodeService {
                 self.state.log_file(&stem).display()
             )));
         }
-        match self.mounter.state(&target) {
+        match self.mount_state(&target) {
             MountState::Healthy(e) => {
                 let ours = self.is_ours(&e, &source, Some(&staging));
                 return match v.targets.get(&target).filter(|_| ours) {
@@ -540,15 +529,8 @@ impl NodeService {
             // A dead bind of an earlier staging mount has that mount's device: type and source
             // identify it.
             MountState::Dead(e) if self.is_ours(&e, &source, None) => self.clear_dead(&target)?,
-            MountState::Dead(e) => {
-                return Err(CsiError::FailedPrecondition(format!(
-                    "target path {} has a dead {} mount of {} that is not ours; unmount it",
-                    target.display(),
-                    e.fstype,
-                    e.source
-                )));
-            }
             MountState::NotMounted => {}
+            foreign => return Err(not_ours("target path", &target, &foreign)),
         }
         let created = ensure_dir(&target)?;
         if let Err(e) = self.mounter.bind(&staging, &target, read_only) {
@@ -577,7 +559,7 @@ impl NodeService {
             Some(stem) => self.state.load(stem).map_err(internal)?,
             None => None,
         };
-        if self.mounter.state(&target) == MountState::NotMounted && is_symlink(&target) {
+        if self.mount_state(&target) == MountState::NotMounted && is_symlink(&target) {
             tracing::warn!(target = %target.display(), "target path is a symbolic link, not ours; left alone");
         } else {
             // A target we published may be a bind of an earlier staging mount (device differs):
@@ -692,7 +674,8 @@ impl Node for NodeService {
     ) -> Result<Response<NodeGetVolumeStatsResponse>, Status> {
         let req = request.into_inner();
         let id = req.volume_id.clone();
-        rpc("NodeGetVolumeStats", &id, async move { self.stats(req) }).await
+        // statvfs may wait up to `LIVENESS_TIMEOUT` for a FUSE server: off the async worker.
+        rpc("NodeGetVolumeStats", &id, async move { tokio::task::block_in_place(|| self.stats(req)) }).await
     }
 
     async fn node_expand_volume(

@@ -94,6 +94,11 @@ impl StoredAttrs {
         m
     }
 
+    /// Only our attributes, without other tools' metadata (what a directory record keeps).
+    pub fn ours(&self) -> StoredAttrs {
+        StoredAttrs { other: UserMetadata::new(), ..self.clone() }
+    }
+
     /// The same attributes, ignoring the times (what a metadata-only change compares).
     pub fn same_except_times(&self, other: &StoredAttrs) -> bool {
         let strip = |a: &StoredAttrs| StoredAttrs { mtime: None, atime: None, ..a.clone() };

@@ -297,15 +297,19 @@ impl<S: ObjectStore> S3Fs<S> {
         self.records.note(&self.inodes.key(&dir), &name, entry);
     }
 
-    /// The record entry for an object with `etag`, `size` and stored attributes.
-    fn file_entry(etag: &str, size: u64, attrs: &StoredAttrs) -> Option<RecordEntry> {
-        let ours = StoredAttrs { other: UserMetadata::new(), ..attrs.clone() };
-        Some(RecordEntry { etag: Some(etag.to_owned()), size: Some(size), last_modified: None, meta: ours.encode() })
+    /// The record entry for an object with `etag`, `size`, stored attributes and, when known,
+    /// its Last-Modified.
+    fn file_entry(etag: &str, size: u64, attrs: &StoredAttrs, modified: Option<SystemTime>) -> Option<RecordEntry> {
+        Some(RecordEntry {
+            etag: Some(etag.to_owned()),
+            size: Some(size),
+            last_modified: modified.and_then(records::unix_secs),
+            meta: attrs.ours().encode(),
+        })
     }
 
     fn dir_entry(attrs: &StoredAttrs) -> Option<RecordEntry> {
-        let ours = StoredAttrs { other: UserMetadata::new(), ..attrs.clone() };
-        Some(RecordEntry { etag: None, size: None, last_modified: None, meta: ours.encode() })
+        Some(RecordEntry { etag: None, size: None, last_modified: None, meta: attrs.ours().encode() })
     }
 
     pub fn ttl(&self) -> Duration {
@@ -433,7 +437,8 @@ impl<S: ObjectStore> S3Fs<S> {
         if !valid_name(name) {
             return Err(FsError::NotFound);
         }
-        if let Some(child) = self.inodes.child(dir.ino, name) {
+        let existing = self.inodes.child(dir.ino, name);
+        if let Some(child) = &existing {
             let stat = child.stat();
             let pending = child.open_state().is_some_and(|s| s.is_pending());
             let local = child.local_dir.load(Ordering::Relaxed);
@@ -442,26 +447,23 @@ impl<S: ObjectStore> S3Fs<S> {
             }
             if self.fresh(&stat) && child.kind == Kind::File {
                 // Known from a listing: one HEAD for the metadata kept in the object.
-                if let Ok(meta) = self.store.head_object(&self.inodes.key(&child)).await {
+                if let Ok(meta) = self.store.head_object(&self.inodes.key(child)).await {
                     let fresh = stat_from_meta(&meta);
                     // Not in the directory's record: add it, so the next listing needs no HEAD.
                     if let Some(etag) = &fresh.etag {
                         self.records.note(
                             &self.inodes.key(dir),
                             name,
-                            Self::file_entry(etag, fresh.size, &fresh.attrs),
+                            Self::file_entry(etag, fresh.size, &fresh.attrs, None),
                         );
                     }
                     return Ok(self.inodes.upsert(dir, name, kind_from_meta(&meta), fresh, lookup));
                 }
             }
         }
+        let known_dir = existing.filter(|c| c.kind == Kind::Dir).map(|c| c.stat());
         // A directory listed in a directory whose record lacks it: record what the probe finds.
-        let unrecorded_dir = self.inodes.child(dir.ino, name).is_some_and(|c| {
-            let stat = c.stat();
-            c.kind == Kind::Dir && self.fresh(&stat) && !stat.from_head
-        });
-        let known_dir = self.inodes.child(dir.ino, name).filter(|c| c.kind == Kind::Dir).map(|c| c.stat());
+        let unrecorded_dir = known_dir.as_ref().is_some_and(|stat| self.fresh(stat) && !stat.from_head);
         match self.probe(&self.inodes.key(dir), name).await? {
             Some((kind, mut stat)) => {
                 // A directory without a marker (a server that cannot keep one) keeps what the
@@ -538,17 +540,13 @@ impl<S: ObjectStore> S3Fs<S> {
     fn refresh(&self, inode: &Inode, meta: &ObjectMeta) {
         let fresh = stat_from_meta(meta);
         let old = inode.stat();
-        let ours = |a: &StoredAttrs| StoredAttrs { other: UserMetadata::new(), ..a.clone() };
         if old.from_head
             && old.etag == fresh.etag
-            && ours(&old.attrs) != ours(&fresh.attrs)
+            && old.attrs.ours() != fresh.attrs.ours()
             && let Some(etag) = &fresh.etag
         {
-            let mut entry = Self::file_entry(etag, fresh.size, &fresh.attrs);
-            if let Some(e) = entry.as_mut() {
-                e.last_modified = records::unix_secs(meta.last_modified);
-            }
             tracing::debug!(key = %meta.key, "directory record was stale for this object; correcting it");
+            let entry = Self::file_entry(etag, fresh.size, &fresh.attrs, Some(meta.last_modified));
             self.note_entry(inode.parent(), &inode.name(), inode.kind, entry);
         }
         inode.set_stat(fresh);
@@ -700,7 +698,7 @@ impl<S: ObjectStore> S3Fs<S> {
                 inode.parent(),
                 &inode.name(),
                 inode.kind,
-                Self::file_entry(&object.version, stat.size, &attrs),
+                Self::file_entry(&object.version, stat.size, &attrs, None),
             );
             stat.attrs = attrs;
             stat.from_head = true;
@@ -812,11 +810,7 @@ impl<S: ObjectStore> S3Fs<S> {
             Some((object, size)) => {
                 let copied = self.copy_any(&object, size, &key, Some(&metadata)).await?;
                 stat.etag = Some(copied.etag.clone());
-                let mut entry = Self::file_entry(&copied.etag, size, &stat.attrs);
-                if let Some(e) = entry.as_mut() {
-                    e.last_modified = copied.last_modified.and_then(records::unix_secs);
-                }
-                entry
+                Self::file_entry(&copied.etag, size, &stat.attrs, copied.last_modified)
             }
         };
         self.note_entry(inode.parent(), &inode.name(), inode.kind, entry);
@@ -930,7 +924,7 @@ impl<S: ObjectStore> S3Fs<S> {
         self.set_new_owner(&mut stat, caller, &dir, Kind::Symlink, 0o777);
         let metadata = stat.attrs.encode();
         let etag = self.store.put_object(&key, Bytes::copy_from_slice(target.as_bytes()), &metadata).await?;
-        self.note_entry(dir.ino, name, Kind::Symlink, Self::file_entry(&etag, stat.size, &stat.attrs));
+        self.note_entry(dir.ino, name, Kind::Symlink, Self::file_entry(&etag, stat.size, &stat.attrs, None));
         stat.etag = Some(etag);
         let inode = self.inodes.upsert(&dir, name, Kind::Symlink, stat, true);
         Ok(self.attr(&inode))
@@ -1067,10 +1061,7 @@ impl<S: ObjectStore> S3Fs<S> {
             self.store.delete_object(&meta.key).await?;
             let attrs = stat_from_meta(&meta).attrs;
             self.note_entry(parent, name, src.kind, None);
-            let mut entry = Self::file_entry(&copied.etag, meta.size, &attrs);
-            if let Some(e) = entry.as_mut() {
-                e.last_modified = copied.last_modified.and_then(records::unix_secs);
-            }
+            let entry = Self::file_entry(&copied.etag, meta.size, &attrs, copied.last_modified);
             self.note_entry(newparent, newname, src.kind, entry);
             if let Some(state) = &state {
                 // Open handles keep writing under the new name; unchanged bytes now live there.

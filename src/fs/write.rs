@@ -627,7 +627,7 @@ impl OpenFile {
         {
             self.mtime = began;
         }
-        let attrs = self.upload_attrs();
+        let (mtime, base) = (self.mtime, &self.attrs);
         match &mut self.body {
             Body::Streaming(st) => {
                 st.buf.extend_from_slice(data);
@@ -638,6 +638,8 @@ impl OpenFile {
                         break;
                     }
                     let part = st.buf.split_to(part_size).freeze();
+                    // Stored only when this part begins the upload; built per part, not per write.
+                    let attrs = StoredAttrs { mtime: Some(mtime), ..base.clone() };
                     if let Err(e) = st.start_part(ctx, key, &attrs, part).await {
                         st.abort(ctx, key).await;
                         self.failed = Some(e.to_string());

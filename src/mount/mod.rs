@@ -136,26 +136,15 @@ pub fn statvfs_bounded(path: &Path) -> Result<libc::statvfs, io::Error> {
     })?;
     match rx.recv_timeout(LIVENESS_TIMEOUT) {
         Ok(r) => r,
-        Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, "the filesystem did not answer statvfs")),
+        Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, "the filesystem did not answer statfs")),
     }
 }
 
 /// Whether the FUSE server behind the mount at `path` answers right now. `statfs` is never
-/// answered from the kernel's attribute cache (unlike `stat`), so a dead server shows at once.
-/// The call runs on its own thread: a wedged server would block it for good.
+/// answered from the kernel's attribute cache (unlike `stat`), so a dead server shows at once;
+/// [`statvfs_bounded`] runs it on its own thread, since a wedged server would block it for good.
 pub fn fuse_answers(path: &Path) -> Result<(), io::Error> {
-    let c = cpath(path)?;
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::Builder::new().name("s3csi-liveness".into()).spawn(move || {
-        // SAFETY: statfs writes only into the zeroed struct we pass; the path is NUL-terminated.
-        let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-        let rc = unsafe { libc::statfs(c.as_ptr(), &mut st) };
-        let _ = tx.send(if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) });
-    })?;
-    match rx.recv_timeout(LIVENESS_TIMEOUT) {
-        Ok(r) => r,
-        Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, "the FUSE server did not answer statfs")),
-    }
+    statvfs_bounded(path).map(drop)
 }
 
 /// Opens `path` as a directory without following a symbolic link in its last component, for
