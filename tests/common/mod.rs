@@ -17,6 +17,7 @@
 #![allow(dead_code)]
 
 pub mod driver;
+pub mod proxy;
 
 use std::ffi::OsString;
 use std::fs::File;
