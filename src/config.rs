@@ -151,6 +151,44 @@ pub struct S3Config {
     pub force_path_style: bool,
     pub ca_bundle: Option<PathBuf>,
     pub credentials: Option<StaticCredentials>,
+    pub timeouts: Timeouts,
+}
+
+/// Default for `--s3-timeout`.
+pub const DEFAULT_S3_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// How long S3 may keep us waiting. One number, `--s3-timeout` (the *stall limit*), from which
+/// the rest follow:
+/// - an S3 request (retries included) that gets no answer for the stall limit fails; a read
+///   whose GETs receive no byte for the stall limit fails with `EIO`;
+/// - each attempt must start answering within a third of it, and a response body may pause
+///   for at most a third of it, so a hung connection is retried twice before the limit;
+/// - uploads get extra time for their body at [`Timeouts::MIN_UPLOAD_RATE`], so a slow but
+///   working link is never cut off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeouts {
+    pub stall: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts { stall: DEFAULT_S3_TIMEOUT }
+    }
+}
+
+impl Timeouts {
+    /// Slowest upload rate assumed for a request body: 1 MiB/s.
+    pub const MIN_UPLOAD_RATE: u64 = 1 << 20;
+
+    /// Longest wait for one attempt's response to begin (or one body chunk to arrive).
+    pub fn attempt(&self) -> Duration {
+        self.stall / 3
+    }
+
+    /// Time a request body of `bytes` may take at the slowest assumed rate.
+    pub fn for_body(bytes: u64) -> Duration {
+        Duration::from_secs_f64(bytes as f64 / Self::MIN_UPLOAD_RATE as f64)
+    }
 }
 
 /// An access key pair (and optional session token) given explicitly. `Debug` hides the secret.
@@ -198,6 +236,10 @@ pub struct FsConfig {
     pub read_only: bool,
     pub ownership: Ownership,
     pub metadata_ttl: Duration,
+    /// A read whose GETs receive nothing for this long fails with `EIO` (`--s3-timeout`).
+    pub stall_limit: Duration,
+    /// GETs in flight at most (see `fs::prefetch::ReadBudget`).
+    pub max_gets: usize,
     pub write: crate::fs::write::WriteConfig,
 }
 

@@ -121,6 +121,31 @@ pub fn spawn_background(args: Vec<std::ffi::OsString>) -> anyhow::Result<()> {
     bail!("{message}")
 }
 
+/// Kernel read-ahead wanted for the mount. Above the 1 MiB request size: the kernel treats a
+/// read larger than its read-ahead as the start of a scan and reads ahead of it, so with exactly
+/// 1 MiB an unaligned 1 MiB `pread` (257 pages) would fetch 2 MiB more than asked.
+const KERNEL_READAHEAD_KB: u32 = 2048;
+
+/// Raises the kernel's read-ahead for this mount from its 128 KiB default, which FUSE cannot
+/// raise at `INIT` (it only lowers it). With 128 KiB, a 1 MiB `pread` reaches us as eight
+/// requests served one after another; now it is one 1 MiB request, and so one GET. Needs
+/// write access to `/sys/class/bdi` (root, or a privileged container); without it reads still
+/// work, only large random reads are slower, so this is only logged.
+fn raise_kernel_readahead(mountpoint: &Path) {
+    // The device comes from mountinfo: a syscall on the mountpoint would wait for this very
+    // session thread.
+    let Some(entry) = crate::mount::mount_entry(mountpoint) else {
+        tracing::info!(mountpoint = %mountpoint.display(), "mount not in mountinfo; kernel read-ahead left at its default");
+        return;
+    };
+    let path = format!("/sys/class/bdi/{}/read_ahead_kb", entry.device);
+    match std::fs::write(&path, KERNEL_READAHEAD_KB.to_string()) {
+        Ok(()) => tracing::debug!(path, kb = KERNEL_READAHEAD_KB, "kernel read-ahead raised"),
+        Err(e) => tracing::info!(path, error = %e,
+            "cannot raise the kernel read-ahead (needs root and a writable /sys); large random reads will be slower"),
+    }
+}
+
 /// The mount source shown in mountinfo for a bucket and prefix (`p/` or empty).
 pub fn mount_source(bucket: &str, prefix: &str) -> String {
     let prefix = prefix.trim_end_matches('/');
@@ -152,7 +177,7 @@ pub fn run_foreground(config: MountConfig, notify_ready: bool) -> anyhow::Result
     }
     let store = rt.block_on(async {
         let client = build_client(&config.s3).await?;
-        let store = AwsStore::new(client, config.bucket.as_str());
+        let store = AwsStore::new(client, config.bucket.as_str(), config.s3.timeouts);
         store.check_access(config.fs.prefix.as_str()).await.map_err(|e| {
             anyhow::anyhow!(describe_access_error(&e, config.bucket.as_str(), config.s3.endpoint_url.as_deref()))
         })?;
@@ -165,7 +190,9 @@ pub fn run_foreground(config: MountConfig, notify_ready: bool) -> anyhow::Result
         ),
         None => None,
     };
-    let cache = Arc::new(BlockCache::new(config.cache.memory_bytes, disk));
+    // The memory budget covers buffers in flight too; the cache gets the rest.
+    let budget = crate::fs::prefetch::ReadBudget::split(config.cache.memory_bytes);
+    let cache = Arc::new(BlockCache::new(budget.cache_bytes, disk));
     let watched = Arc::clone(&cache);
     metrics.add_refresher(move |m| watched.export(m));
     let fs = S3Fs::new(Arc::new(store), cache, config.fs.clone()).map_err(|e| {
@@ -177,7 +204,9 @@ pub fn run_foreground(config: MountConfig, notify_ready: bool) -> anyhow::Result
         fs.start_record_flusher();
     }
     let records_owner = Arc::clone(&fs);
-    let adapter = FuseAdapter::new(fs, rt.handle().clone());
+    let readahead_mountpoint = mountpoint.clone();
+    let adapter =
+        FuseAdapter::new(fs, rt.handle().clone()).after_init(move || raise_kernel_readahead(&readahead_mountpoint));
 
     let mut options = vec![
         // `s3csi:<bucket>` or `s3csi:<bucket>/<prefix>`: the CSI node tells its volumes' mounts

@@ -135,6 +135,11 @@ impl BlockCache {
         self.disk.as_ref().is_some_and(|d| d.contains(key))
     }
 
+    /// Makes a memory block the first to be evicted (a scan has read it).
+    pub fn demote(&self, key: &BlockKey) {
+        self.mem.lock().unwrap().lru.demote(key);
+    }
+
     /// Inserts a freshly fetched block.
     pub fn insert(&self, key: BlockKey, bytes: Bytes) {
         self.insert_memory(key, bytes);

@@ -25,25 +25,40 @@ const MAX_IO_BYTES: u32 = 1 << 20;
 /// Kernel readahead per file; the prefetcher does the real read-ahead, so this only needs to
 /// be large enough for the kernel to send full-size requests.
 const MAX_READAHEAD_BYTES: u32 = 1 << 20;
-/// Outstanding background (readahead) requests the kernel may queue; more lets sequential
-/// readers keep several blocks in flight.
-const MAX_BACKGROUND: u16 = 64;
+/// Outstanding background (read-ahead) requests the kernel may queue. Each holds a reply
+/// buffer of up to 1 MiB, counted in the read budget; the prefetcher, not the kernel, keeps
+/// many GETs in flight, so 16 is plenty.
+const MAX_BACKGROUND: u16 = 16;
+
+/// Work to run once the kernel has taken our `INIT` reply (see [`FuseAdapter::after_init`]).
+type AfterInit = Box<dyn FnOnce() + Send>;
 
 pub struct FuseAdapter<S> {
     fs: Arc<S3Fs<S>>,
     rt: Handle,
+    after_init: Option<AfterInit>,
 }
 
 impl<S: ObjectStore> FuseAdapter<S> {
     pub fn new(fs: Arc<S3Fs<S>>, rt: Handle) -> Self {
-        FuseAdapter { fs, rt }
+        FuseAdapter { fs, rt, after_init: None }
+    }
+
+    /// Runs `f` on the session thread before the first request after `INIT`: by then the kernel
+    /// has applied the `INIT` reply, so connection settings changed from outside (sysfs) stick.
+    pub fn after_init(mut self, f: impl FnOnce() + Send + 'static) -> Self {
+        self.after_init = Some(Box::new(f));
+        self
     }
 
     /// Runs one operation as a task, counting it and its latency under `op`.
-    fn spawn<F>(&self, op: &'static str, span: tracing::Span, fut: F)
+    fn spawn<F>(&mut self, op: &'static str, span: tracing::Span, fut: F)
     where
         F: std::future::Future<Output = ()> + Send + 'static,
     {
+        if let Some(f) = self.after_init.take() {
+            f();
+        }
         let start = std::time::Instant::now();
         self.rt.spawn(
             async move {
@@ -171,8 +186,10 @@ impl<S: ObjectStore> Filesystem for FuseAdapter<S> {
         let Ok(offset) = u64::try_from(offset) else {
             return reply.error(libc::EINVAL);
         };
+        // Planned here, on the FUSE thread, so the access pattern sees reads in kernel order.
+        let plan = self.fs.plan_read(fh, offset, size);
         self.spawn("read", tracing::trace_span!("read", ino, fh, offset, size), async move {
-            match fs.read(fh, offset, size).await {
+            match fs.read_planned(fh, offset, size, plan).await {
                 Ok(parts) if parts.len() == 1 => reply.data(&parts[0]),
                 Ok(parts) => reply.data(&parts.concat()),
                 Err(e) => reply.error(errno("read", &e)),

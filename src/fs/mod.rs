@@ -27,11 +27,11 @@ use tokio::sync::Semaphore;
 
 pub use error::FsError;
 use inode::{Inode, InodeTable, Kind, ROOT_INO, Stat};
-use prefetch::{Fetcher, Window};
+use prefetch::{Access, Fetcher, ReadPattern};
 use records::{DirRecord, RecordEntry, Records, dir_entry_name};
 use write::{OpenState, WriteCtx};
 
-use crate::cache::BlockCache;
+use crate::cache::{BlockCache, BlockKey};
 use crate::config::FsConfig;
 use crate::s3::{CompletedPart, ObjectId, ObjectMeta, ObjectStore, S3Error, UserMetadata};
 
@@ -130,8 +130,12 @@ struct FileHandle {
     /// The shared write state, for writers and for readers opened while it existed.
     state: Option<Arc<OpenState>>,
     writable: bool,
-    window: Mutex<Window>,
+    pattern: Mutex<ReadPattern>,
 }
+
+/// How one read will be served, decided in kernel order (see [`S3Fs::plan_read`]).
+#[derive(Debug, Clone, Copy)]
+pub struct ReadPlan(Option<Access>);
 
 struct DirHandle {
     entries: Vec<DirEntry>,
@@ -147,7 +151,6 @@ pub struct S3Fs<S> {
     files: Mutex<HashMap<u64, Arc<FileHandle>>>,
     dirs: Mutex<HashMap<u64, Arc<DirHandle>>>,
     next_fh: AtomicU64,
-    max_window: u64,
     copy_object_max: u64,
     /// When the mount started: the stable mtime of directories without stored attributes.
     started: SystemTime,
@@ -215,9 +218,8 @@ fn kind_from_meta(meta: &ObjectMeta) -> Kind {
 
 impl<S: ObjectStore> S3Fs<S> {
     pub fn new(store: Arc<S>, cache: Arc<BlockCache>, config: FsConfig) -> std::io::Result<Self> {
-        let max_window = cache.memory_capacity_bytes() / 4;
         let inodes = InodeTable::new(config.prefix.as_str());
-        let fetcher = Fetcher::new(Arc::clone(&store), cache);
+        let fetcher = Fetcher::with_limits(Arc::clone(&store), cache, config.max_gets, config.stall_limit);
         let writes = WriteCtx::new(Arc::clone(&store), Arc::clone(&fetcher), config.write.clone())?;
         let records = Arc::new(Records::new(Arc::clone(&store)));
         Ok(S3Fs {
@@ -229,7 +231,6 @@ impl<S: ObjectStore> S3Fs<S> {
             files: Mutex::new(HashMap::new()),
             dirs: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
-            max_window,
             copy_object_max: COPY_OBJECT_MAX,
             started: SystemTime::now(),
             markers: std::sync::atomic::AtomicBool::new(true),
@@ -533,6 +534,32 @@ impl<S: ObjectStore> S3Fs<S> {
         }
     }
 
+    /// The current object behind `inode`, for a read-only open. An object small enough to be
+    /// one cache block (by the size known so far) is fetched whole by a GET that also returns
+    /// its metadata: one round trip instead of a HEAD and a GET, and the read that follows is a
+    /// cache hit. Larger ones, whose reads may never touch the start, get a HEAD.
+    async fn fetch_for_open(&self, inode: &Inode) -> Result<ObjectMeta, FsError> {
+        let known = inode.stat().size;
+        if known == 0 || known > prefetch::BLOCK_SIZE {
+            return self.head(inode).await;
+        }
+        match self.store.get_object_start(&self.inodes.key(inode), prefetch::BLOCK_SIZE).await {
+            Ok(start) => {
+                self.refresh(inode, &start.meta);
+                if start.data.len() as u64 == prefetch::block_len(0, start.meta.size) && !start.data.is_empty() {
+                    let object = Arc::new(ObjectId::from_meta(&start.meta));
+                    self.fetcher.cache().insert(BlockKey { object, index: 0 }, start.data);
+                }
+                Ok(start.meta)
+            }
+            Err(S3Error::NotFound(_)) => {
+                self.inodes.unlink_name(inode.parent(), &inode.name());
+                Err(FsError::NotFound)
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
     /// Takes what a HEAD said about `inode`. When the attributes believed so far (from a
     /// listing and its directory record) turn out wrong for the same object, the record was
     /// stale (identical bytes rewritten by another client, or a lost record update): correct it,
@@ -608,21 +635,21 @@ impl<S: ObjectStore> S3Fs<S> {
         }
         let writable = flags & libc::O_ACCMODE != libc::O_RDONLY;
         let truncate = flags & libc::O_TRUNC != 0;
-        let window = Mutex::new(Window::new(self.max_window));
+        let pattern = Mutex::new(ReadPattern::new());
         if !writable && !truncate {
             if let Some(state) = inode.open_state() {
-                return Ok(self.new_handle(FileHandle { ino, object: None, state: Some(state), writable, window }));
+                return Ok(self.new_handle(FileHandle { ino, object: None, state: Some(state), writable, pattern }));
             }
-            let meta = self.head(&inode).await?;
+            let meta = self.fetch_for_open(&inode).await?;
             let object = Some((Arc::new(ObjectId::from_meta(&meta)), meta.size));
-            return Ok(self.new_handle(FileHandle { ino, object, state: None, writable, window }));
+            return Ok(self.new_handle(FileHandle { ino, object, state: None, writable, pattern }));
         }
         self.check_writable()?;
         let state = self.open_state(&inode, truncate).await?;
         if writable {
             state.add_writer();
         }
-        Ok(self.new_handle(FileHandle { ino, object: None, state: Some(state), writable, window }))
+        Ok(self.new_handle(FileHandle { ino, object: None, state: Some(state), writable, pattern }))
     }
 
     /// Creates and opens a new file; it reaches S3 when first flushed or closed.
@@ -649,14 +676,34 @@ impl<S: ObjectStore> S3Fs<S> {
             old.mark_unlinked();
         }
         state.add_writer();
-        let window = Mutex::new(Window::new(self.max_window));
+        let pattern = Mutex::new(ReadPattern::new());
         let fh =
-            self.new_handle(FileHandle { ino: inode.ino, object: None, state: Some(state), writable: true, window });
+            self.new_handle(FileHandle { ino: inode.ino, object: None, state: Some(state), writable: true, pattern });
         Ok((self.attr(&inode), fh))
     }
 
     /// Reads up to `size` bytes at `offset`; short at end of file. Returns block slices.
     pub async fn read(&self, fh: u64, offset: u64, size: u32) -> Result<Vec<Bytes>, FsError> {
+        let plan = self.plan_read(fh, offset, size);
+        self.read_planned(fh, offset, size, plan).await
+    }
+
+    /// Records a read in its handle's access pattern. Called in the order the kernel sent the
+    /// reads (on the FUSE thread), so concurrent tasks cannot reorder a sequential scan.
+    pub fn plan_read(&self, fh: u64, offset: u64, size: u32) -> ReadPlan {
+        let Ok(handle) = self.handle(fh) else { return ReadPlan(None) };
+        let Some((_, obj_size)) = &handle.object else { return ReadPlan(None) };
+        let end = offset.saturating_add(u64::from(size)).min(*obj_size);
+        if offset >= end {
+            return ReadPlan(None);
+        }
+        let access = handle.pattern.lock().unwrap().on_read(offset, end - offset, &self.fetcher);
+        tracing::trace!(offset, len = end - offset, ?access, "read");
+        ReadPlan(Some(access))
+    }
+
+    /// Serves a read planned with [`S3Fs::plan_read`].
+    pub async fn read_planned(&self, fh: u64, offset: u64, size: u32, plan: ReadPlan) -> Result<Vec<Bytes>, FsError> {
         let handle = self.handle(fh)?;
         if let Some(state) = &handle.state {
             let inode = self.inode(handle.ino)?;
@@ -664,11 +711,10 @@ impl<S: ObjectStore> S3Fs<S> {
         }
         let (object, obj_size) = handle.object.as_ref().expect("read handles have an object or a state");
         let end = offset.saturating_add(u64::from(size)).min(*obj_size);
-        if offset >= end {
-            return Ok(Vec::new());
+        match plan.0 {
+            Some(access) if offset < end => Ok(self.fetcher.read(object, *obj_size, offset..end, access).await?),
+            _ => Ok(Vec::new()),
         }
-        let prefetch = handle.window.lock().unwrap().on_read(offset, end - offset);
-        Ok(self.fetcher.read(object, *obj_size, offset..end, prefetch).await?)
     }
 
     pub async fn write(&self, fh: u64, offset: u64, data: &[u8]) -> Result<u32, FsError> {
@@ -941,14 +987,14 @@ impl<S: ObjectStore> S3Fs<S> {
         let key = self.inodes.key(&inode);
         if let Some(etag) = stat.etag.as_ref().filter(|_| self.fresh(&stat) && stat.size > 0) {
             let object = Arc::new(ObjectId { key, version: etag.clone(), has_etag: true });
-            match self.fetcher.read(&object, stat.size, 0..stat.size, 0).await {
+            match self.fetcher.read(&object, stat.size, 0..stat.size, Access::Random).await {
                 Ok(parts) => return Ok(parts.concat().into()),
                 Err(e) => tracing::debug!(error = %e, "symlink target changed; reading it again"),
             }
         }
         let meta = self.head(&inode).await?;
         let object = Arc::new(ObjectId::from_meta(&meta));
-        Ok(self.fetcher.read(&object, meta.size, 0..meta.size, 0).await?.concat().into())
+        Ok(self.fetcher.read(&object, meta.size, 0..meta.size, Access::Random).await?.concat().into())
     }
 
     pub async fn unlink(&self, parent: u64, name: &str) -> Result<(), FsError> {
@@ -1286,6 +1332,8 @@ mod tests {
             read_only: false,
             ownership: own,
             metadata_ttl: ttl,
+            stall_limit: crate::config::DEFAULT_S3_TIMEOUT,
+            max_gets: prefetch::MAX_CONCURRENT_GETS,
             write: test_write_config(),
         };
         S3Fs::new(store, Arc::new(BlockCache::new(64 << 20, None)), config).unwrap()

@@ -1,19 +1,24 @@
-//! The read path below the filesystem: block math, sequential detection, and the fetcher that
-//! turns missing blocks into ranged GETs.
+//! The read path below the filesystem: block math, the per-handle access-pattern detector, and
+//! the fetcher that turns reads into ranged GETs.
 //!
 //! Invariants:
 //! - A block is fetched at most once at a time: concurrent readers of the same block wait on
 //!   the same in-flight GET (`inflight`).
 //! - Every GET carries the object's version (`If-Match`), and blocks are cached under it, so a
 //!   read never mixes two versions of an object.
-//! - Memory: at most `MAX_CONCURRENT_GETS` requests are in flight, each buffering one partial
-//!   block; complete blocks go straight into the bounded memory cache. The prefetch window is
-//!   capped at a quarter of the memory cache so prefetched blocks are not evicted before use.
+//! - Random reads cost one ranged GET of exactly the bytes asked; only a stream that has read
+//!   [`SEQUENTIAL_EVIDENCE`] bytes in order prefetches, and never more than it has already read.
+//! - Memory: at most `max_gets` requests are in flight, each buffering at most one block;
+//!   complete blocks go straight into the bounded memory cache ([`ReadBudget`]). The prefetch windows of
+//!   all sequential streams together stay within half of the memory cache, so prefetched blocks
+//!   are not evicted before they are read.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::ops::Range;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
@@ -23,20 +28,51 @@ use crate::cache::{BlockCache, BlockKey};
 use crate::s3::{ObjectId, ObjectStore, S3Error};
 
 /// Cache block size. 1 MiB matches the largest FUSE read (256 pages), so a kernel read touches
-/// at most two blocks, while keeping random 4 KiB reads from dragging in much more than needed.
+/// at most two blocks.
 pub const BLOCK_SIZE: u64 = 1 << 20;
-/// Blocks per sequential GET. 16 MiB requests: fewer, larger streams cost the server (and us)
+/// Largest GET of a prefetch. 16 MiB requests: fewer, larger streams cost the server (and us)
 /// less CPU per byte; against a CPU-bound local server 16 MiB beat 4 and 8 MiB by 30-50%.
 pub const REQUEST_BLOCKS: u64 = 16;
-/// First prefetch window once a sequential pattern is seen; doubles per sequential read.
-pub const INITIAL_WINDOW: u64 = 2 * BLOCK_SIZE;
-/// Largest prefetch window: eight 16 MiB requests in flight keep a fast server busy.
+/// Largest prefetch window of one stream: eight 16 MiB requests in flight keep a fast server busy.
 pub const MAX_WINDOW: u64 = 128 * BLOCK_SIZE;
-/// A read that starts within this distance of where the previous one ended still counts as
-/// sequential: the kernel's async readahead can reorder neighbouring requests.
-pub const SEQUENTIAL_SLACK: u64 = 4 * BLOCK_SIZE;
-/// Concurrent GETs per mount. Bounds memory and sockets; 16 saturates a local server on 2 cores.
+/// Bytes a stream must read in order before it prefetches. Several large application reads:
+/// a 1 MiB `pread` can reach us as nine contiguous pieces (eight 128 KiB requests plus kernel
+/// read-ahead, when the read-ahead is not raised), and two random reads that happen to land
+/// next to each other must not look like a scan either.
+pub const SEQUENTIAL_EVIDENCE: u64 = 4 * BLOCK_SIZE;
+/// A read continues a stream when it starts at most this far past the stream's end: pages the
+/// kernel found in its page cache are skipped, leaving gaps, and requests of one read-ahead
+/// batch can be handled out of order.
+pub const STREAM_GAP: u64 = 4 * BLOCK_SIZE;
+/// ...or at most this far before it: the kernel's read-ahead requests can arrive out of order.
+pub const STREAM_BACKTRACK: u64 = 2 * BLOCK_SIZE;
+/// Streams tracked per handle, so threads sharing one descriptor keep separate patterns.
+const STREAMS_PER_HANDLE: usize = 4;
+/// Concurrent GETs per mount at most. Bounds memory and sockets; 16 saturates a local server
+/// on 2 cores.
 pub const MAX_CONCURRENT_GETS: usize = 16;
+/// Largest share of the read budget kept for buffers in flight rather than cached blocks.
+const MAX_READ_BUFFERS: u64 = 64 * BLOCK_SIZE;
+
+/// How the read memory budget (`--memory-cache-size`) is spent. Cached blocks get most of it;
+/// the rest (a quarter, at most 64 MiB) covers what is in flight: the block each GET is
+/// filling (one per concurrent GET; their number is an eighth of this share), the SDK's
+/// receive buffers, blocks of a request still referenced by its waiters, and the reply buffers
+/// of FUSE reads (one per read the kernel has outstanding, bounded by its background limit).
+/// Measured on a 1 GiB scan, all of these together peak at about 45 MiB.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReadBudget {
+    pub cache_bytes: u64,
+    pub max_gets: usize,
+}
+
+impl ReadBudget {
+    pub fn split(memory_bytes: u64) -> Self {
+        let buffers = (memory_bytes / 4).min(MAX_READ_BUFFERS);
+        let max_gets = ((buffers / 4 / BLOCK_SIZE) as usize).clamp(1, MAX_CONCURRENT_GETS);
+        ReadBudget { cache_bytes: memory_bytes - buffers, max_gets }
+    }
+}
 /// Extra attempts for a GET whose body breaks off mid-way (the SDK only retries until headers).
 const BODY_RETRIES: u32 = 3;
 const BODY_RETRY_BACKOFF: Duration = Duration::from_millis(200);
@@ -55,30 +91,113 @@ pub fn block_len(index: u64, size: u64) -> u64 {
     size.saturating_sub(index * BLOCK_SIZE).min(BLOCK_SIZE)
 }
 
-/// Per-handle sequential-read detector and prefetch window.
-#[derive(Debug, Clone)]
-pub struct Window {
-    next_offset: u64,
-    window: u64,
-    max_window: u64,
+/// How the fetcher should serve one read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// No evidence of a scan: fetch exactly the bytes asked (unless they are cached).
+    Random,
+    /// Whole blocks through the cache, prefetching `prefetch` bytes past the read.
+    Sequential { prefetch: u64 },
 }
 
-impl Window {
-    pub fn new(max_window: u64) -> Self {
-        Window { next_offset: 0, window: 0, max_window: max_window.clamp(BLOCK_SIZE, MAX_WINDOW) }
+/// One run of in-order reads on a handle.
+#[derive(Debug, Clone)]
+struct Stream {
+    /// Where the next in-order read would start.
+    next: u64,
+    /// Bytes read in order so far.
+    run: u64,
+    /// Logical time of the last read, to replace the stalest stream.
+    used: u64,
+}
+
+/// Per-handle access-pattern detector: up to [`STREAMS_PER_HANDLE`] in-order streams.
+///
+/// A stream prefetches once it has read [`SEQUENTIAL_EVIDENCE`] bytes in order, and then as
+/// many bytes as it has read so far (up to the cap the fetcher allows): the window starts small,
+/// doubles as the stream proves itself, and a scan that stops wastes at most what it had read.
+#[derive(Debug)]
+pub struct ReadPattern {
+    streams: Vec<Stream>,
+    clock: u64,
+    /// Registered with the fetcher as a sequential reader (for the shared window budget).
+    sequential: Option<Arc<AtomicUsize>>,
+}
+
+impl ReadPattern {
+    pub fn new() -> Self {
+        ReadPattern { streams: Vec::with_capacity(STREAMS_PER_HANDLE), clock: 0, sequential: None }
     }
 
-    /// Records a read and returns how many bytes past its end to prefetch.
-    pub fn on_read(&mut self, offset: u64, len: u64) -> u64 {
-        let sequential = offset.abs_diff(self.next_offset) <= SEQUENTIAL_SLACK;
-        if sequential {
-            self.window = if self.window == 0 { INITIAL_WINDOW } else { self.window * 2 }.min(self.max_window);
-            self.next_offset = self.next_offset.max(offset + len);
-        } else {
-            self.window = 0;
-            self.next_offset = offset + len;
+    /// Records a read of `len` bytes at `offset` and says how to serve it.
+    pub fn on_read<S>(&mut self, offset: u64, len: u64, fetcher: &Fetcher<S>) -> Access {
+        let run = self.note(offset, len);
+        if run < SEQUENTIAL_EVIDENCE {
+            return Access::Random;
         }
-        self.window
+        if self.sequential.is_none() {
+            fetcher.sequential_streams.fetch_add(1, Ordering::Relaxed);
+            self.sequential = Some(Arc::clone(&fetcher.sequential_streams));
+        }
+        Access::Sequential { prefetch: run.min(fetcher.window_cap()) }
+    }
+
+    /// Adds the read to the stream it continues (or starts one); returns that stream's run.
+    fn note(&mut self, offset: u64, len: u64) -> u64 {
+        self.clock += 1;
+        let end = offset.saturating_add(len);
+        let continues = |s: &Stream| {
+            offset.saturating_add(STREAM_BACKTRACK) >= s.next && offset <= s.next.saturating_add(STREAM_GAP)
+        };
+        // The longest run this read continues; shorter ones near it are the same scan's stray
+        // pieces and are dropped.
+        let longest =
+            self.streams.iter().enumerate().filter(|(_, s)| continues(s)).max_by_key(|(_, s)| s.run).map(|(i, _)| i);
+        if let Some(keep) = longest {
+            let mut i = 0;
+            self.streams.retain(|s| {
+                let stay = i == keep || !continues(s);
+                i += 1;
+                stay
+            });
+        }
+        let continued = longest.and_then(|_| self.streams.iter_mut().filter(|s| continues(s)).max_by_key(|s| s.run));
+        let stream = match continued {
+            Some(s) => {
+                if end > s.next {
+                    s.run += end - s.next.max(offset);
+                    s.next = end;
+                }
+                s
+            }
+            None => {
+                let fresh = Stream { next: end, run: len, used: 0 };
+                if self.streams.len() < STREAMS_PER_HANDLE {
+                    self.streams.push(fresh);
+                    self.streams.last_mut().expect("just pushed")
+                } else {
+                    let stalest = self.streams.iter_mut().min_by_key(|s| s.used).expect("streams is full");
+                    *stalest = fresh;
+                    stalest
+                }
+            }
+        };
+        stream.used = self.clock;
+        stream.run
+    }
+}
+
+impl Default for ReadPattern {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for ReadPattern {
+    fn drop(&mut self) {
+        if let Some(count) = &self.sequential {
+            count.fetch_sub(1, Ordering::Relaxed);
+        }
     }
 }
 
@@ -90,35 +209,101 @@ pub struct Fetcher<S> {
     cache: Arc<BlockCache>,
     inflight: Mutex<HashMap<BlockKey, watch::Receiver<BlockResult>>>,
     gets: Semaphore,
+    /// Handles currently reading sequentially; they share the prefetch budget.
+    sequential_streams: Arc<AtomicUsize>,
+    /// A GET that receives nothing for this long fails (`--s3-timeout`).
+    stall_limit: Duration,
+    /// When a GET last failed for stalling, until a later GET gets an answer: the server is
+    /// presumed unresponsive, and new GETs get only a third of the stall limit. The kernel
+    /// retries a failed read-ahead with a read of its own, which must not wait the full limit
+    /// again.
+    stalled_at: Mutex<Option<Instant>>,
+}
+
+impl<S> Fetcher<S> {
+    /// The largest prefetch window one sequential stream may use now: all streams together
+    /// stay within half the memory cache, so what is prefetched is still cached when read.
+    pub fn window_cap(&self) -> u64 {
+        let streams = self.sequential_streams.load(Ordering::Relaxed).max(1) as u64;
+        (self.cache.memory_capacity_bytes() / 2 / streams).clamp(BLOCK_SIZE, MAX_WINDOW)
+    }
 }
 
 impl<S: ObjectStore> Fetcher<S> {
     pub fn new(store: Arc<S>, cache: Arc<BlockCache>) -> Arc<Self> {
+        Self::with_limits(store, cache, MAX_CONCURRENT_GETS, crate::config::DEFAULT_S3_TIMEOUT)
+    }
+
+    /// A fetcher with at most `max_gets` GETs in flight, whose GETs fail once they receive
+    /// nothing for `stall_limit`, retries included.
+    pub fn with_limits(store: Arc<S>, cache: Arc<BlockCache>, max_gets: usize, stall_limit: Duration) -> Arc<Self> {
         Arc::new(Fetcher {
             store,
             cache,
             inflight: Mutex::new(HashMap::new()),
-            gets: Semaphore::new(MAX_CONCURRENT_GETS),
+            gets: Semaphore::new(max_gets.max(1)),
+            sequential_streams: Arc::new(AtomicUsize::new(0)),
+            stall_limit,
+            stalled_at: Mutex::new(None),
         })
+    }
+
+    /// The `progress` a new GET starts from: now, or (while the server is presumed
+    /// unresponsive) as if it had waited two thirds of the stall limit already.
+    fn start_progress(&self) -> Instant {
+        let now = Instant::now();
+        match *self.stalled_at.lock().unwrap() {
+            Some(at) if now.duration_since(at) < self.stall_limit => {
+                now.checked_sub(self.stall_limit - self.stall_limit / 3).unwrap_or(now)
+            }
+            _ => now,
+        }
+    }
+
+    /// Awaits `fut` unless nothing has arrived for the stall limit since `progress`.
+    async fn until_stalled<T>(&self, key: &str, progress: Instant, fut: impl Future<Output = T>) -> Result<T, S3Error> {
+        let deadline = tokio::time::Instant::from_std(progress + self.stall_limit);
+        tokio::time::timeout_at(deadline, fut).await.map_err(|_| {
+            *self.stalled_at.lock().unwrap() = Some(Instant::now());
+            S3Error::Unreachable(format!(
+                "no data from S3 for {} s while reading {key:?} (the limit is --s3-timeout)",
+                self.stall_limit.as_secs()
+            ))
+        })
+    }
+
+    /// How long to wait before trying a failed GET again, if at all: transient failures are
+    /// retried a few times, while the last byte received is less than the stall limit ago.
+    fn retry_after(&self, e: &S3Error, attempt: u32, progress: Instant) -> Option<Duration> {
+        let backoff = BODY_RETRY_BACKOFF * 2u32.pow(attempt);
+        (e.is_transient() && attempt < BODY_RETRIES && progress.elapsed() + backoff < self.stall_limit)
+            .then_some(backoff)
     }
 
     pub fn cache(&self) -> &Arc<BlockCache> {
         &self.cache
     }
 
-    /// Reads `range` of `object` (of `size` bytes), prefetching `prefetch` bytes past its end.
-    /// Returns the data as block slices, in order.
+    /// Reads `range` of `object` (of `size` bytes) as `access` says. Returns the data as slices,
+    /// in order.
     pub async fn read(
         self: &Arc<Self>,
         object: &Arc<ObjectId>,
         size: u64,
         range: Range<u64>,
-        prefetch: u64,
+        access: Access,
     ) -> Result<Vec<Bytes>, S3Error> {
         let needed = blocks_for(range.clone(), size);
         if needed.is_empty() {
             return Ok(Vec::new());
         }
+        let prefetch = match access {
+            Access::Random if !self.all_at_hand(object, needed.clone()) => {
+                return Ok(vec![self.read_exact(object, size, range).await?]);
+            }
+            Access::Random => 0,
+            Access::Sequential { prefetch } => prefetch,
+        };
         // Resolve needed blocks from the cache first (memory, then disk).
         let mut have: Vec<Option<Bytes>> = Vec::with_capacity(needed.clone().count());
         for index in needed.clone() {
@@ -126,14 +311,12 @@ impl<S: ObjectStore> Fetcher<S> {
             let hit = self.cache.get(&key).await.filter(|b| b.len() as u64 == block_len(index, size));
             have.push(hit);
         }
-        // Start GETs for what is missing, needed blocks first, then the prefetch window.
+        // Start GETs for what is missing, needed blocks first, then the prefetch window in
+        // requests of about a quarter of the window (several in flight, none tiny).
         let missing: Vec<u64> = needed.clone().zip(&have).filter(|(_, h)| h.is_none()).map(|(i, _)| i).collect();
         let mut waiters = self.start_fetches(object, size, &missing, needed.end - needed.start, false);
         if prefetch > 0 {
-            let ahead = blocks_for(range.end..range.end.saturating_add(prefetch), size);
-            let ahead: Vec<u64> = ahead.filter(|i| *i >= needed.end).collect();
-            // Prefetch results are not awaited here; the blocks land in the cache.
-            drop(self.start_fetches(object, size, &ahead, REQUEST_BLOCKS, true));
+            self.prefetch(object, size, range.end, prefetch, needed.end);
         }
         let mut out = Vec::with_capacity(have.len());
         for (index, hit) in needed.clone().zip(have) {
@@ -157,8 +340,109 @@ impl<S: ObjectStore> Fetcher<S> {
             let from = range.start.saturating_sub(block_start) as usize;
             let to = (range.end.min(size) - block_start).min(block.len() as u64) as usize;
             out.push(block.slice(from..to));
+            // A scan rarely comes back (and the page cache keeps what it read): let its read
+            // blocks go first, before blocks prefetched for it or cached for other readers.
+            if prefetch > 0 && block_start + block_len(index, size) <= range.end {
+                self.cache.demote(&BlockKey { object: Arc::clone(object), index });
+            }
         }
         Ok(out)
+    }
+
+    /// Starts GETs for the window of `prefetch` bytes after `from` (blocks before `first` are
+    /// the read's own). The window slides by one read at a time, so to keep requests large it
+    /// waits until a whole request's worth of blocks (about a quarter of the window) is missing,
+    /// or the window reaches the end of the object. Results are not awaited: blocks land in the
+    /// cache.
+    fn prefetch(self: &Arc<Self>, object: &Arc<ObjectId>, size: u64, from: u64, prefetch: u64, first: u64) {
+        let ahead = blocks_for(from..from.saturating_add(prefetch), size);
+        let per_request = (prefetch / 4 / BLOCK_SIZE).clamp(1, REQUEST_BLOCKS);
+        let missing: Vec<u64> = {
+            let inflight = self.inflight.lock().unwrap();
+            ahead
+                .clone()
+                .filter(|&index| index >= first)
+                .filter(|&index| {
+                    let key = BlockKey { object: Arc::clone(object), index };
+                    !inflight.contains_key(&key)
+                        && !self.cache.contains_in_memory(&key)
+                        && !self.cache.contains_on_disk(&key)
+                })
+                .collect()
+        };
+        let reaches_end = ahead.end == blocks_for(0..size, size).end;
+        if missing.is_empty() || ((missing.len() as u64) < per_request && !reaches_end) {
+            return;
+        }
+        drop(self.start_fetches(object, size, &missing, per_request, true));
+    }
+
+    /// Whether every block of `blocks` is cached or already being fetched.
+    fn all_at_hand(&self, object: &Arc<ObjectId>, blocks: Range<u64>) -> bool {
+        let inflight = self.inflight.lock().unwrap();
+        blocks.into_iter().all(|index| {
+            let key = BlockKey { object: Arc::clone(object), index };
+            inflight.contains_key(&key) || self.cache.contains_in_memory(&key) || self.cache.contains_on_disk(&key)
+        })
+    }
+
+    /// One ranged GET of exactly `range` (clamped to `size`), retried when the body breaks off.
+    /// Whole blocks it happens to cover are cached as well.
+    async fn read_exact(&self, object: &Arc<ObjectId>, size: u64, range: Range<u64>) -> Result<Bytes, S3Error> {
+        let range = range.start..range.end.min(size);
+        let _permit = self.gets.acquire().await.expect("semaphore is never closed");
+        let mut progress = self.start_progress();
+        let mut attempt = 0;
+        let data = loop {
+            match self.get_all(object, range.clone(), &mut progress).await {
+                Ok(data) => break data,
+                Err(e) => match self.retry_after(&e, attempt, progress) {
+                    Some(backoff) => {
+                        attempt += 1;
+                        tracing::debug!(key = %object.key, ?range, attempt, error = %e, "retrying ranged GET");
+                        tokio::time::sleep(backoff).await;
+                    }
+                    None => return Err(e),
+                },
+            }
+        };
+        for index in blocks_for(range.clone(), size) {
+            let start = index * BLOCK_SIZE;
+            let end = start + block_len(index, size);
+            if start >= range.start && end <= range.end {
+                let slice = data.slice((start - range.start) as usize..(end - range.start) as usize);
+                self.cache.insert(BlockKey { object: Arc::clone(object), index }, slice);
+            }
+        }
+        Ok(data)
+    }
+
+    async fn get_all(
+        &self,
+        object: &Arc<ObjectId>,
+        range: Range<u64>,
+        progress: &mut Instant,
+    ) -> Result<Bytes, S3Error> {
+        let want = (range.end - range.start) as usize;
+        let mut get = self.until_stalled(&object.key, *progress, self.store.get_range(object, range.clone())).await??;
+        *self.stalled_at.lock().unwrap() = None;
+        let mut buf = BytesMut::with_capacity(want);
+        while buf.len() < want {
+            match self.until_stalled(&object.key, *progress, get.body.next()).await? {
+                Some(chunk) => {
+                    buf.extend_from_slice(&chunk?);
+                    *progress = Instant::now();
+                }
+                None => {
+                    return Err(S3Error::Body(
+                        object.key.clone(),
+                        format!("response ended after {} of {want} bytes of range {range:?}", buf.len()),
+                    ));
+                }
+            }
+        }
+        buf.truncate(want);
+        Ok(buf.freeze())
     }
 
     /// A waiter for one block, starting a fetch if nobody else is (rare: lost a race).
@@ -205,6 +489,7 @@ impl<S: ObjectStore> Fetcher<S> {
             }
         }
         for (first, senders) in runs {
+            tracing::trace!(key = %object.key, first, blocks = senders.len(), "GET blocks");
             let this = Arc::clone(self);
             let object = Arc::clone(object);
             tokio::spawn(async move { this.fetch_run(object, size, first, senders).await });
@@ -217,17 +502,19 @@ impl<S: ObjectStore> Fetcher<S> {
         let _permit = self.gets.acquire().await.expect("semaphore is never closed");
         let end_block = first + senders.len() as u64;
         let mut next = first; // first block not yet published
+        let mut progress = self.start_progress();
         let mut attempt = 0;
         let outcome = loop {
-            let range = next * BLOCK_SIZE..(end_block * BLOCK_SIZE).min(size);
-            match self.stream_blocks(&object, size, range, &mut next, first, &senders).await {
+            match self.stream_blocks(&object, size, &mut next, first, &senders, &mut progress).await {
                 Ok(()) => break Ok(()),
-                Err(e) if e.is_transient() && attempt < BODY_RETRIES => {
-                    attempt += 1;
-                    tracing::debug!(key = %object.key, block = next, attempt, error = %e, "retrying ranged GET");
-                    tokio::time::sleep(BODY_RETRY_BACKOFF * 2u32.pow(attempt - 1)).await;
-                }
-                Err(e) => break Err(e),
+                Err(e) => match self.retry_after(&e, attempt, progress) {
+                    Some(backoff) => {
+                        attempt += 1;
+                        tracing::debug!(key = %object.key, block = next, attempt, error = %e, "retrying ranged GET");
+                        tokio::time::sleep(backoff).await;
+                    }
+                    None => break Err(e),
+                },
             }
         };
         if let Err(e) = outcome {
@@ -241,37 +528,50 @@ impl<S: ObjectStore> Fetcher<S> {
         }
     }
 
+    /// Streams blocks `*next..first + senders.len()` from one GET, advancing `*next` past each
+    /// block it publishes (so a retry resumes there) and `*progress` at each byte received.
     async fn stream_blocks(
         &self,
         object: &Arc<ObjectId>,
         size: u64,
-        range: Range<u64>,
         next: &mut u64,
         first: u64,
         senders: &[watch::Sender<BlockResult>],
+        progress: &mut Instant,
     ) -> Result<(), S3Error> {
-        let mut get = self.store.get_range(object, range.clone()).await?;
-        let mut buf = BytesMut::with_capacity(block_len(*next, size) as usize);
         let end_block = first + senders.len() as u64;
+        let range = *next * BLOCK_SIZE..(end_block * BLOCK_SIZE).min(size);
+        let mut get = self.until_stalled(&object.key, *progress, self.store.get_range(object, range.clone())).await??;
+        *self.stalled_at.lock().unwrap() = None;
+        // Each block gets an allocation of exactly its size (a chunk straddling two blocks is
+        // split, not appended whole), so the cache's byte count is the memory it holds.
+        let mut buf = BytesMut::with_capacity(block_len(*next, size) as usize);
+        let mut rest = Bytes::new();
         while *next < end_block {
+            if rest.is_empty() {
+                match self.until_stalled(&object.key, *progress, get.body.next()).await? {
+                    Some(chunk) => {
+                        rest = chunk?;
+                        *progress = Instant::now();
+                    }
+                    None => {
+                        return Err(S3Error::Body(
+                            object.key.clone(),
+                            format!("response ended early at block {} of range {range:?}", *next),
+                        ));
+                    }
+                }
+            }
             let want = block_len(*next, size) as usize;
-            while buf.len() >= want {
-                let block = buf.split_to(want).freeze();
+            let take = (want - buf.len()).min(rest.len());
+            buf.extend_from_slice(&rest.split_to(take));
+            if buf.len() == want {
+                let block = std::mem::take(&mut buf).freeze();
                 self.cache.insert(BlockKey { object: Arc::clone(object), index: *next }, block.clone());
                 senders[(*next - first) as usize].send_replace(Some(Ok(block)));
                 *next += 1;
-                if *next == end_block {
-                    return Ok(());
-                }
-                buf.reserve(block_len(*next, size) as usize);
-            }
-            match get.body.next().await {
-                Some(chunk) => buf.extend_from_slice(&chunk?),
-                None => {
-                    return Err(S3Error::Body(
-                        object.key.clone(),
-                        format!("response ended early at block {} of range {range:?}", *next),
-                    ));
+                if *next < end_block {
+                    buf = BytesMut::with_capacity(block_len(*next, size) as usize);
                 }
             }
         }
@@ -284,6 +584,19 @@ mod tests {
     use super::*;
     use crate::s3::fake::FakeStore;
     use std::sync::atomic::Ordering;
+
+    /// Whole blocks, no prefetch.
+    const SEQ: Access = Access::Sequential { prefetch: 0 };
+
+    #[test]
+    fn the_read_budget_keeps_room_for_buffers_in_flight() {
+        let b = ReadBudget::split(256 << 20);
+        assert_eq!(b, ReadBudget { cache_bytes: 192 << 20, max_gets: 16 });
+        let b = ReadBudget::split(8 << 20);
+        assert_eq!(b, ReadBudget { cache_bytes: 6 << 20, max_gets: 1 });
+        let b = ReadBudget::split(64 << 20);
+        assert_eq!((b.cache_bytes, b.max_gets), (48 << 20, 4));
+    }
 
     #[test]
     fn block_math() {
@@ -313,27 +626,114 @@ mod tests {
         }
     }
 
-    #[test]
-    fn window_grows_on_sequential_and_resets_on_random() {
-        let mut w = Window::new(MAX_WINDOW);
-        assert_eq!(w.on_read(0, 131072), INITIAL_WINDOW);
-        assert_eq!(w.on_read(131072, 131072), 2 * INITIAL_WINDOW);
-        let mut last = 0;
-        for i in 2..100 {
-            last = w.on_read(i * 131072, 131072);
-        }
-        assert_eq!(last, MAX_WINDOW, "window stops at its cap");
-        assert_eq!(w.on_read(900 * BLOCK_SIZE, 4096), 0, "a far jump is random: no prefetch");
-        assert_eq!(w.on_read(10, 4096), 0);
-        assert_eq!(w.on_read(10 + 4096, 4096), INITIAL_WINDOW, "sequential again from the new spot");
+    const KIB: u64 = 1024;
+
+    fn fetcher(cache_bytes: u64) -> Arc<Fetcher<FakeStore>> {
+        Fetcher::new(Arc::new(FakeStore::new("b")), Arc::new(BlockCache::new(cache_bytes, None)))
+    }
+
+    /// Feeds `reads` (offset, len) to a fresh pattern; returns what each was judged.
+    fn judge(f: &Fetcher<FakeStore>, reads: &[(u64, u64)]) -> Vec<Access> {
+        let mut p = ReadPattern::new();
+        reads.iter().map(|&(o, l)| p.on_read(o, l, f)).collect()
+    }
+
+    /// A `pread` of `len` at `offset` as the kernel sends it with its default 128 KiB read-ahead:
+    /// 128 KiB pieces, plus one piece of read-ahead past the end.
+    fn kernel_pieces(offset: u64, len: u64) -> Vec<(u64, u64)> {
+        (0..len / (128 * KIB) + 1).map(|i| (offset + i * 128 * KIB, 128 * KIB)).collect()
     }
 
     #[test]
-    fn window_respects_cap_from_memory_budget() {
-        let mut w = Window::new(3 * BLOCK_SIZE);
-        for i in 0..20 {
-            assert!(w.on_read(i * 4096, 4096) <= 3 * BLOCK_SIZE);
+    fn random_large_preads_split_by_the_kernel_never_prefetch() {
+        let f = fetcher(256 << 20);
+        let mut p = ReadPattern::new();
+        let mut x = 12345u64;
+        for _ in 0..200 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let offset = (x % 1000) * BLOCK_SIZE + (x % 7) * 4096;
+            for (o, l) in kernel_pieces(offset, BLOCK_SIZE) {
+                assert_eq!(p.on_read(o, l, &f), Access::Random, "piece at {o}");
+            }
         }
+    }
+
+    #[test]
+    fn random_small_reads_never_prefetch() {
+        let f = fetcher(256 << 20);
+        let reads: Vec<(u64, u64)> = (0..500u64).map(|i| ((i * 7919 % 4096) * 256 * KIB, 4 * KIB)).collect();
+        assert!(judge(&f, &reads).iter().all(|a| *a == Access::Random));
+    }
+
+    #[test]
+    fn a_scan_prefetches_after_evidence_and_the_window_grows_with_the_run() {
+        let f = fetcher(1 << 30);
+        // The kernel's read-ahead of a sequential `cat`: 128 KiB, then 512 KiB, then 1 MiB requests.
+        let mut reads = vec![(0, 128 * KIB), (128 * KIB, 512 * KIB)];
+        let mut off = 640 * KIB;
+        for _ in 0..200 {
+            reads.push((off, BLOCK_SIZE));
+            off += BLOCK_SIZE;
+        }
+        let got = judge(&f, &reads);
+        let first_seq = got.iter().position(|a| *a != Access::Random).unwrap();
+        assert!(reads[..first_seq].iter().map(|r| r.1).sum::<u64>() < SEQUENTIAL_EVIDENCE + BLOCK_SIZE);
+        let mut last = 0;
+        for (i, a) in got.iter().enumerate().skip(first_seq) {
+            let Access::Sequential { prefetch } = *a else { panic!("read {i} fell back to random") };
+            let read_so_far = reads[i].0 + reads[i].1;
+            assert!(prefetch <= read_so_far, "never prefetch more than was read in order");
+            assert!(prefetch >= last, "the window never shrinks during a scan");
+            last = prefetch;
+        }
+        assert_eq!(last, MAX_WINDOW, "a long scan reaches the largest window");
+    }
+
+    #[test]
+    fn reordered_and_cached_pieces_keep_a_scan_going() {
+        let f = fetcher(1 << 30);
+        // Read-ahead requests arriving out of order, and a gap where the page cache had the data.
+        let reads = [
+            (0, BLOCK_SIZE),
+            (2 * BLOCK_SIZE, BLOCK_SIZE),
+            (BLOCK_SIZE, BLOCK_SIZE),
+            (3 * BLOCK_SIZE + 512 * KIB, BLOCK_SIZE),
+            (4 * BLOCK_SIZE + 512 * KIB, BLOCK_SIZE),
+        ];
+        let got = judge(&f, &reads);
+        assert!(matches!(got[4], Access::Sequential { .. }), "{got:?}");
+    }
+
+    #[test]
+    fn two_readers_on_one_handle_each_keep_their_scan() {
+        let f = fetcher(1 << 30);
+        let mut p = ReadPattern::new();
+        let (a, b) = (0u64, 500 * BLOCK_SIZE);
+        let mut judged = Vec::new();
+        for i in 0..20 {
+            judged.push(p.on_read(a + i * BLOCK_SIZE, BLOCK_SIZE, &f));
+            judged.push(p.on_read(b + i * BLOCK_SIZE, BLOCK_SIZE, &f));
+        }
+        assert!(judged[10..].iter().all(|a| matches!(a, Access::Sequential { .. })), "{judged:?}");
+    }
+
+    #[test]
+    fn sequential_streams_share_half_the_memory_cache() {
+        let f = fetcher(256 << 20);
+        let mut handles: Vec<ReadPattern> = (0..4).map(|_| ReadPattern::new()).collect();
+        let mut last = vec![0; 4];
+        for i in 0..100 {
+            for (h, p) in handles.iter_mut().enumerate() {
+                if let Access::Sequential { prefetch } = p.on_read(i * BLOCK_SIZE, BLOCK_SIZE, &f) {
+                    last[h] = prefetch;
+                }
+            }
+        }
+        assert_eq!(last, vec![32 << 20; 4], "256 MiB / 2 / 4 streams");
+        drop(handles);
+        assert_eq!(f.window_cap(), MAX_WINDOW, "closed handles give their share back");
     }
 
     fn object(store: &FakeStore, key: &str) -> Arc<ObjectId> {
@@ -353,13 +753,13 @@ mod tests {
         let f = Fetcher::new(Arc::clone(&store), Arc::new(BlockCache::new(64 << 20, None)));
         let obj = object(&store, "k");
         let size = bytes.len() as u64;
-        let got: Vec<u8> = f.read(&obj, size, 1000..BLOCK_SIZE * 2 + 5, 0).await.unwrap().concat();
+        let got: Vec<u8> = f.read(&obj, size, 1000..BLOCK_SIZE * 2 + 5, SEQ).await.unwrap().concat();
         assert_eq!(got, bytes[1000..(BLOCK_SIZE * 2 + 5) as usize]);
         let gets = store.gets.load(Ordering::Relaxed);
-        let again: Vec<u8> = f.read(&obj, size, 1000..BLOCK_SIZE * 2 + 5, 0).await.unwrap().concat();
+        let again: Vec<u8> = f.read(&obj, size, 1000..BLOCK_SIZE * 2 + 5, SEQ).await.unwrap().concat();
         assert_eq!(again, got);
         assert_eq!(store.gets.load(Ordering::Relaxed), gets, "served from cache");
-        let tail: Vec<u8> = f.read(&obj, size, size - 10..size + 100, 0).await.unwrap().concat();
+        let tail: Vec<u8> = f.read(&obj, size, size - 10..size + 100, SEQ).await.unwrap().concat();
         assert_eq!(tail, bytes[bytes.len() - 10..]);
     }
 
@@ -370,7 +770,7 @@ mod tests {
         store.put("k", bytes.clone());
         let f = Fetcher::new(Arc::clone(&store), Arc::new(BlockCache::new(256 << 20, None)));
         let obj = object(&store, "k");
-        f.read(&obj, bytes.len() as u64, 0..4096, 16 * BLOCK_SIZE).await.unwrap();
+        f.read(&obj, bytes.len() as u64, 0..4096, Access::Sequential { prefetch: 16 * BLOCK_SIZE }).await.unwrap();
         // Wait for the prefetch to land.
         for _ in 0..100 {
             if f.inflight.lock().unwrap().is_empty() {
@@ -379,20 +779,54 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         let gets = store.gets.load(Ordering::Relaxed);
-        assert!(gets <= 1 + 16 / REQUEST_BLOCKS as usize + 1, "{gets} GETs");
-        let got: Vec<u8> = f.read(&obj, bytes.len() as u64, 0..16 * BLOCK_SIZE, 0).await.unwrap().concat();
+        assert!(gets <= 1 + 4, "{gets} GETs");
+        let got: Vec<u8> = f.read(&obj, bytes.len() as u64, 0..16 * BLOCK_SIZE, SEQ).await.unwrap().concat();
         assert_eq!(got, bytes[..16 * BLOCK_SIZE as usize]);
         assert_eq!(store.gets.load(Ordering::Relaxed), gets, "all prefetched");
     }
 
     #[tokio::test]
-    async fn random_reads_fetch_only_what_they_need() {
+    async fn a_sliding_window_fetches_in_large_requests() {
         let store = Arc::new(FakeStore::new("b"));
-        store.put("k", data(64 * BLOCK_SIZE as usize));
+        let bytes = data(64 * BLOCK_SIZE as usize + 5);
+        store.put("k", bytes.clone());
         let f = Fetcher::new(Arc::clone(&store), Arc::new(BlockCache::new(256 << 20, None)));
         let obj = object(&store, "k");
-        f.read(&obj, 64 * BLOCK_SIZE, 40 * BLOCK_SIZE + 7..40 * BLOCK_SIZE + 4000, 0).await.unwrap();
-        assert_eq!(store.bytes_served.load(Ordering::Relaxed), BLOCK_SIZE);
+        let size = bytes.len() as u64;
+        let window = Access::Sequential { prefetch: 16 * BLOCK_SIZE };
+        let mut got = Vec::new();
+        for i in 0..=64 {
+            got.extend(f.read(&obj, size, i * BLOCK_SIZE..(i + 1) * BLOCK_SIZE, window).await.unwrap().concat());
+        }
+        assert_eq!(got, bytes);
+        let gets = store.gets.load(Ordering::Relaxed);
+        assert!(gets <= 64 / 4 + 4, "{gets} GETs: the window must not slide one block per request");
+        assert_eq!(store.bytes_served.load(Ordering::Relaxed), size, "every byte fetched once");
+    }
+
+    #[tokio::test]
+    async fn random_reads_fetch_only_what_they_need() {
+        let store = Arc::new(FakeStore::new("b"));
+        let bytes = data(64 * BLOCK_SIZE as usize);
+        store.put("k", bytes.clone());
+        let f = Fetcher::new(Arc::clone(&store), Arc::new(BlockCache::new(256 << 20, None)));
+        let obj = object(&store, "k");
+        let range = 40 * BLOCK_SIZE + 7..40 * BLOCK_SIZE + 4000;
+        let got = f.read(&obj, 64 * BLOCK_SIZE, range.clone(), Access::Random).await.unwrap().concat();
+        assert_eq!(got, bytes[range.start as usize..range.end as usize]);
+        assert_eq!(store.bytes_served.load(Ordering::Relaxed), 3993, "exactly the bytes asked");
+        // An unaligned 1 MiB read is one GET of 1 MiB, not two blocks.
+        let range = 3 * BLOCK_SIZE + 4096..4 * BLOCK_SIZE + 4096;
+        let got = f.read(&obj, 64 * BLOCK_SIZE, range.clone(), Access::Random).await.unwrap().concat();
+        assert_eq!(got, bytes[range.start as usize..range.end as usize]);
+        assert_eq!(store.bytes_served.load(Ordering::Relaxed), 3993 + BLOCK_SIZE);
+        // An aligned one fills its block, so reading it again costs nothing.
+        let range = 9 * BLOCK_SIZE..10 * BLOCK_SIZE;
+        f.read(&obj, 64 * BLOCK_SIZE, range.clone(), Access::Random).await.unwrap();
+        let gets = store.gets.load(Ordering::Relaxed);
+        let again = f.read(&obj, 64 * BLOCK_SIZE, range.clone(), Access::Random).await.unwrap().concat();
+        assert_eq!(again, bytes[range.start as usize..range.end as usize]);
+        assert_eq!(store.gets.load(Ordering::Relaxed), gets);
     }
 
     #[tokio::test]
@@ -401,9 +835,9 @@ mod tests {
         store.put("k", data(2 * BLOCK_SIZE as usize));
         let f = Fetcher::new(Arc::clone(&store), Arc::new(BlockCache::new(256 << 20, None)));
         let obj = object(&store, "k");
-        f.read(&obj, 2 * BLOCK_SIZE, 0..10, 0).await.unwrap();
+        f.read(&obj, 2 * BLOCK_SIZE, 0..10, SEQ).await.unwrap();
         store.put("k", vec![0u8; 2 * BLOCK_SIZE as usize]);
-        let err = f.read(&obj, 2 * BLOCK_SIZE, BLOCK_SIZE..BLOCK_SIZE + 10, 0).await.unwrap_err();
+        let err = f.read(&obj, 2 * BLOCK_SIZE, BLOCK_SIZE..BLOCK_SIZE + 10, SEQ).await.unwrap_err();
         assert!(matches!(err, S3Error::PreconditionFailed(_)));
     }
 
@@ -415,7 +849,7 @@ mod tests {
         store.fail_gets.store(2, Ordering::Relaxed);
         let f = Fetcher::new(Arc::clone(&store), Arc::new(BlockCache::new(256 << 20, None)));
         let obj = object(&store, "k");
-        let got: Vec<u8> = f.read(&obj, BLOCK_SIZE, 0..BLOCK_SIZE, 0).await.unwrap().concat();
+        let got: Vec<u8> = f.read(&obj, BLOCK_SIZE, 0..BLOCK_SIZE, Access::Random).await.unwrap().concat();
         assert_eq!(got, bytes);
     }
 
@@ -426,6 +860,6 @@ mod tests {
         store.fail_gets.store(100, Ordering::Relaxed);
         let f = Fetcher::new(Arc::clone(&store), Arc::new(BlockCache::new(256 << 20, None)));
         let obj = object(&store, "k");
-        assert!(f.read(&obj, BLOCK_SIZE, 0..10, 0).await.is_err());
+        assert!(f.read(&obj, BLOCK_SIZE, 0..10, Access::Random).await.is_err());
     }
 }

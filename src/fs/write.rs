@@ -38,7 +38,7 @@ use tokio::task::JoinSet;
 
 use super::FsError;
 use super::attrs::StoredAttrs;
-use super::prefetch::Fetcher;
+use super::prefetch::{Access, Fetcher};
 use crate::s3::{CompletedPart, ObjectId, ObjectStore, S3Error};
 
 const MIB: u64 = 1 << 20;
@@ -51,6 +51,8 @@ pub const MIN_PART_SIZE: u64 = 5 * MIB;
 const PARTS_PER_STEP: i32 = 1000;
 /// Background retries of an abort that failed (S3 unreachable): about half an hour in all.
 const ABORT_RETRIES: u32 = 60;
+/// How long `close` waits for the first attempt to abort a failed upload.
+const ABORT_INLINE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 const ABORT_RETRY_FIRST: std::time::Duration = std::time::Duration::from_secs(1);
 const ABORT_RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(30);
 /// Concurrent part uploads or copies while committing a staged file.
@@ -630,14 +632,24 @@ impl OpenFile {
         let (mtime, base) = (self.mtime, &self.attrs);
         match &mut self.body {
             Body::Streaming(st) => {
-                st.buf.extend_from_slice(data);
                 self.size += data.len() as u64;
-                loop {
+                let mut data = data;
+                while !data.is_empty() {
+                    // Each part is filled in an allocation of exactly its size, so the part
+                    // uploading holds no more memory than the write budget charges it.
                     let part_size = ctx.stream_part_size(st.next_part) as usize;
+                    if st.buf.capacity() < part_size {
+                        let mut exact = BytesMut::with_capacity(part_size);
+                        exact.extend_from_slice(&st.buf);
+                        st.buf = exact;
+                    }
+                    let take = (part_size - st.buf.len()).min(data.len());
+                    st.buf.extend_from_slice(&data[..take]);
+                    data = &data[take..];
                     if st.buf.len() < part_size {
                         break;
                     }
-                    let part = st.buf.split_to(part_size).freeze();
+                    let part = std::mem::take(&mut st.buf).freeze();
                     // Stored only when this part begins the upload; built per part, not per write.
                     let attrs = StoredAttrs { mtime: Some(mtime), ..base.clone() };
                     if let Err(e) = st.start_part(ctx, key, &attrs, part).await {
@@ -753,7 +765,7 @@ impl OpenFile {
             if piece.start < remote_end {
                 let (obj, full, _) = sg.source.as_ref().expect("remote_end > 0 implies a source");
                 let to = piece.end.min(remote_end);
-                out.extend(ctx.fetcher.read(obj, *full, piece.start..to, 0).await?);
+                out.extend(ctx.fetcher.read(obj, *full, piece.start..to, Access::Sequential { prefetch: 0 }).await?);
                 if to < piece.end {
                     out.push(Bytes::from(vec![0u8; (piece.end - to) as usize]));
                 }
@@ -962,8 +974,17 @@ impl OpenFile {
 /// Aborts an upload; when S3 cannot be reached, keeps retrying in the background so no parts are
 /// left behind once it is back.
 async fn abort_upload<S: ObjectStore>(ctx: &WriteCtx<S>, key: &str, upload_id: String) {
-    let Err(e) = ctx.store.abort_multipart_upload(key, &upload_id).await else { return };
-    tracing::warn!(key, upload_id, error = %e, "cannot abort multipart upload yet; retrying in the background");
+    // Waited for briefly, so a healthy server has nothing left over when close returns; an
+    // unresponsive one must not hold close up any longer.
+    match tokio::time::timeout(ABORT_INLINE_WAIT, ctx.store.abort_multipart_upload(key, &upload_id)).await {
+        Ok(Ok(())) => return,
+        Ok(Err(e)) => {
+            tracing::warn!(key, upload_id, error = %e, "cannot abort multipart upload yet; retrying in the background")
+        }
+        Err(_) => {
+            tracing::warn!(key, upload_id, "no answer to aborting a multipart upload yet; retrying in the background")
+        }
+    }
     let store = Arc::clone(&ctx.store);
     let key = key.to_owned();
     tokio::spawn(async move {

@@ -24,9 +24,12 @@ use aws_smithy_http_client::tls::{self, TlsContext, TrustStore};
 use aws_smithy_runtime_api::client::orchestrator::HttpResponse;
 use bytes::Bytes;
 use futures::StreamExt;
+use futures::stream::BoxStream;
 
-use super::{CompletedPart, Copied, GetObject, ListPage, ObjectId, ObjectMeta, ObjectStore, S3Error, UserMetadata};
-use crate::config::S3Config;
+use super::{
+    CompletedPart, Copied, GetObject, ListPage, ObjectId, ObjectMeta, ObjectStart, ObjectStore, S3Error, UserMetadata,
+};
+use crate::config::{S3Config, Timeouts};
 
 /// Attempts per request, including the first. With the SDK's exponential backoff this rides
 /// out a server restart of a few seconds without surfacing an error.
@@ -35,8 +38,6 @@ const MAX_ATTEMPTS: u32 = 6;
 const INITIAL_BACKOFF: Duration = Duration::from_millis(200);
 /// A closed port or a black-holed address should fail fast enough to be a clear mount error.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// Longest silence tolerated while a response (or a body chunk) is in flight.
-const READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// Region used when neither the flag, the environment nor a profile names one; custom
 /// endpoints (MinIO and friends) accept any region.
 const FALLBACK_REGION: &str = "us-east-1";
@@ -65,7 +66,7 @@ pub async fn build_client(cfg: &S3Config) -> Result<Client, S3ClientError> {
         .http_client(http_client)
         .region(region)
         .retry_config(RetryConfig::standard().with_max_attempts(MAX_ATTEMPTS).with_initial_backoff(INITIAL_BACKOFF))
-        .timeout_config(TimeoutConfig::builder().connect_timeout(CONNECT_TIMEOUT).read_timeout(READ_TIMEOUT).build());
+        .timeout_config(timeout_config(&cfg.timeouts, 0));
     if let Some(url) = &cfg.endpoint_url {
         loader = loader.endpoint_url(url);
     }
@@ -87,6 +88,18 @@ pub async fn build_client(cfg: &S3Config) -> Result<Client, S3ClientError> {
         .response_checksum_validation(ResponseChecksumValidation::WhenRequired)
         .build();
     Ok(Client::from_conf(s3cfg))
+}
+
+/// SDK time limits for a request with a body of `body_bytes` (see [`Timeouts`]): each attempt
+/// must begin answering within a third of the stall limit, the whole request (retries included)
+/// must finish within the stall limit, both plus the body's time at the slowest assumed rate.
+fn timeout_config(t: &Timeouts, body_bytes: u64) -> TimeoutConfig {
+    let body = Timeouts::for_body(body_bytes);
+    TimeoutConfig::builder()
+        .connect_timeout(CONNECT_TIMEOUT)
+        .read_timeout(t.attempt() + body)
+        .operation_timeout(t.stall + 2 * body)
+        .build()
 }
 
 /// Resolves credentials once, so a missing or broken credential source is reported as such
@@ -224,11 +237,18 @@ pub struct S3ClientError(pub String);
 pub struct AwsStore {
     client: Client,
     bucket: String,
+    timeouts: Timeouts,
 }
 
 impl AwsStore {
-    pub fn new(client: Client, bucket: impl Into<String>) -> Self {
-        AwsStore { client, bucket: bucket.into() }
+    /// `timeouts` must be the ones the client was built with (`S3Config::timeouts`).
+    pub fn new(client: Client, bucket: impl Into<String>, timeouts: Timeouts) -> Self {
+        AwsStore { client, bucket: bucket.into(), timeouts }
+    }
+
+    /// Time limits for a request that sends `bytes` of body.
+    fn with_body(&self, bytes: u64) -> aws_sdk_s3::config::Builder {
+        aws_sdk_s3::config::Builder::default().timeout_config(timeout_config(&self.timeouts, bytes))
     }
 
     pub fn client(&self) -> &Client {
@@ -302,6 +322,35 @@ fn metadata_map(m: &UserMetadata) -> Option<std::collections::HashMap<String, St
     (!m.is_empty()).then(|| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
 }
 
+fn lower_case_metadata(m: Option<&std::collections::HashMap<String, String>>) -> UserMetadata {
+    m.map(|m| m.iter().map(|(k, v)| (k.to_lowercase(), v.clone())).collect()).unwrap_or_default()
+}
+
+/// A GET body as our stream: counts the bytes, and fails (as a transient [`S3Error::Body`])
+/// when no byte arrives for `idle`, so a server that stops sending mid-body is retried or
+/// reported instead of waited on forever.
+fn body_stream(body: ByteStream, key: String, idle: Duration) -> BoxStream<'static, Result<Bytes, S3Error>> {
+    futures::stream::unfold(Some((body, key)), move |state| async move {
+        let (mut body, key) = state?;
+        match tokio::time::timeout(idle, body.next()).await {
+            Ok(None) => None,
+            Ok(Some(Ok(bytes))) => {
+                crate::metrics::metrics().s3_bytes_read.inc_by(bytes.len() as u64);
+                Some((Ok(bytes), Some((body, key))))
+            }
+            Ok(Some(Err(e))) => {
+                let err = S3Error::Body(key.clone(), DisplayErrorContext(&e).to_string());
+                Some((Err(err), None))
+            }
+            Err(_) => {
+                let err = S3Error::Body(key.clone(), format!("no data for {} s", idle.as_secs()));
+                Some((Err(err), None))
+            }
+        }
+    })
+    .boxed()
+}
+
 fn to_system_time(dt: Option<&aws_sdk_s3::primitives::DateTime>) -> SystemTime {
     dt.and_then(|d| SystemTime::try_from(*d).ok()).unwrap_or(SystemTime::UNIX_EPOCH)
 }
@@ -342,11 +391,7 @@ impl ObjectStore for AwsStore {
             size: non_negative(out.content_length()),
             etag: out.e_tag().map(str::to_owned),
             last_modified: to_system_time(out.last_modified()),
-            user_metadata: Some(
-                out.metadata()
-                    .map(|m| m.iter().map(|(k, v)| (k.to_lowercase(), v.clone())).collect())
-                    .unwrap_or_default(),
-            ),
+            user_metadata: Some(lower_case_metadata(out.metadata())),
         })
     }
 
@@ -404,25 +449,52 @@ impl ObjectStore for AwsStore {
         if object.has_etag && etag.as_deref().is_some_and(|e| e != object.version) {
             return Err(S3Error::PreconditionFailed(object.key.clone()));
         }
-        let key = object.key.clone();
-        let body = futures::stream::unfold((out.body, key), |(mut body, key)| async move {
-            match body.next().await {
-                None => None,
-                Some(Ok(bytes)) => {
-                    crate::metrics::metrics().s3_bytes_read.inc_by(bytes.len() as u64);
-                    Some((Ok(bytes), (body, key)))
-                }
-                Some(Err(e)) => {
-                    let err = S3Error::Body(key.clone(), DisplayErrorContext(&e).to_string());
-                    Some((Err(err), (body, key)))
-                }
+        Ok(GetObject { etag, body: body_stream(out.body, object.key.clone(), self.timeouts.attempt()) })
+    }
+
+    async fn get_object_start(&self, key: &str, len: u64) -> Result<ObjectStart, S3Error> {
+        debug_assert!(len > 0);
+        let sent = self.client.get_object().bucket(&self.bucket).key(key).range(format!("bytes=0-{}", len - 1)).send();
+        let out = match sent.await.map_err(|e| map_sdk_error("GetObject", &self.bucket, key, e)) {
+            Ok(out) => out,
+            // An empty object has no byte 0: S3 refuses the range. Its HEAD says everything.
+            Err(S3Error::InvalidRange(_)) => {
+                return Ok(ObjectStart { meta: self.head_object(key).await?, data: Bytes::new() });
             }
-        })
-        .boxed();
-        Ok(GetObject { etag, body })
+            Err(e) => return Err(e),
+        };
+        // `Content-Range: bytes 0-N/TOTAL` gives the whole size; a server that ignored the
+        // range answered with the whole object.
+        let size = out
+            .content_range()
+            .and_then(|r| r.rsplit_once('/'))
+            .and_then(|(_, total)| total.parse::<u64>().ok())
+            .unwrap_or_else(|| non_negative(out.content_length()));
+        let meta = ObjectMeta {
+            key: key.to_owned(),
+            size,
+            etag: out.e_tag().map(str::to_owned),
+            last_modified: to_system_time(out.last_modified()),
+            user_metadata: Some(lower_case_metadata(out.metadata())),
+        };
+        let want = len.min(size) as usize;
+        let mut body = body_stream(out.body, key.to_owned(), self.timeouts.attempt());
+        let mut data = bytes::BytesMut::with_capacity(want);
+        while data.len() < want {
+            match body.next().await {
+                Some(chunk) => data.extend_from_slice(&chunk?),
+                None => break,
+            }
+        }
+        if data.len() < want {
+            return Err(S3Error::Body(key.to_owned(), format!("response ended after {} of {want} bytes", data.len())));
+        }
+        data.truncate(want);
+        Ok(ObjectStart { meta, data: data.freeze() })
     }
 
     async fn put_object(&self, key: &str, body: Bytes, metadata: &UserMetadata) -> Result<String, S3Error> {
+        let len = body.len() as u64;
         let upload = UploadGuard::new(body.len());
         let out = self
             .client
@@ -431,6 +503,8 @@ impl ObjectStore for AwsStore {
             .key(key)
             .set_metadata(metadata_map(metadata))
             .body(ByteStream::from(body))
+            .customize()
+            .config_override(self.with_body(len))
             .send()
             .await
             .map_err(|e| map_sdk_error("PutObject", &self.bucket, key, e))?;
@@ -457,6 +531,7 @@ impl ObjectStore for AwsStore {
     }
 
     async fn upload_part(&self, key: &str, upload_id: &str, number: i32, body: Bytes) -> Result<String, S3Error> {
+        let len = body.len() as u64;
         let upload = UploadGuard::new(body.len());
         let out = self
             .client
@@ -466,6 +541,8 @@ impl ObjectStore for AwsStore {
             .upload_id(upload_id)
             .part_number(number)
             .body(ByteStream::from(body))
+            .customize()
+            .config_override(self.with_body(len))
             .send()
             .await
             .map_err(|e| map_sdk_error("UploadPart", &self.bucket, key, e))?;

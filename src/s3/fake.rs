@@ -14,7 +14,9 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use futures::StreamExt;
 
-use super::{CompletedPart, Copied, GetObject, ListPage, ObjectId, ObjectMeta, ObjectStore, S3Error, UserMetadata};
+use super::{
+    CompletedPart, Copied, GetObject, ListPage, ObjectId, ObjectMeta, ObjectStart, ObjectStore, S3Error, UserMetadata,
+};
 
 const DEFAULT_MAX_KEYS: usize = 1000;
 /// GET bodies are cut into chunks of this size, like a network stream.
@@ -248,6 +250,15 @@ impl ObjectStore for FakeStore {
         let chunks: Vec<Result<Bytes, S3Error>> =
             (0..data.len()).step_by(CHUNK).map(|i| Ok(data.slice(i..(i + CHUNK).min(data.len())))).collect();
         Ok(GetObject { etag: Some(obj.etag), body: futures::stream::iter(chunks).boxed() })
+    }
+
+    async fn get_object_start(&self, key: &str, len: u64) -> Result<ObjectStart, S3Error> {
+        self.gets.fetch_add(1, Ordering::Relaxed);
+        let objects = self.objects.lock().unwrap();
+        let obj = objects.get(key).ok_or_else(|| S3Error::NotFound(key.to_owned()))?;
+        let data = obj.data.slice(..(len as usize).min(obj.data.len()));
+        self.bytes_served.fetch_add(data.len() as u64, Ordering::Relaxed);
+        Ok(ObjectStart { meta: meta(key, obj), data })
     }
 
     async fn put_object(&self, key: &str, body: Bytes, metadata: &UserMetadata) -> Result<String, S3Error> {

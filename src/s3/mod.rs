@@ -101,6 +101,13 @@ impl fmt::Debug for GetObject {
     }
 }
 
+/// What [`ObjectStore::get_object_start`] returns.
+#[derive(Debug, Clone)]
+pub struct ObjectStart {
+    pub meta: ObjectMeta,
+    pub data: Bytes,
+}
+
 /// Everything that can go wrong talking to S3, after the client's own retries.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum S3Error {
@@ -160,6 +167,11 @@ pub trait ObjectStore: Send + Sync + 'static {
     /// A ranged GET of `range` (end exclusive, non-empty). When `object.has_etag`, the request
     /// carries `If-Match` and a changed object fails with [`S3Error::PreconditionFailed`].
     async fn get_range(&self, object: &ObjectId, range: Range<u64>) -> Result<GetObject, S3Error>;
+
+    /// The first `len` bytes (fewer if the object is shorter) of the current object at `key`
+    /// together with its metadata, in one GET: what a HEAD and a first GET would say, in one
+    /// round trip. `meta.size` is the size of the whole object.
+    async fn get_object_start(&self, key: &str, len: u64) -> Result<ObjectStart, S3Error>;
 
     /// Uploads a whole object in one request; returns its ETag.
     async fn put_object(&self, key: &str, body: Bytes, metadata: &UserMetadata) -> Result<String, S3Error>;
