@@ -293,6 +293,8 @@ enum Kind {
     Mode,
     Size,
     Seconds,
+    /// Whole seconds from 3 to 86400 (`--s3-timeout`).
+    StallLimit,
 }
 
 /// (volume-context key, `s3csi mount` flag, kind). The flag names double as `mountOptions`.
@@ -307,6 +309,7 @@ const VALUE_OPTIONS: &[(&str, &str, Kind)] = &[
     ("partSize", "part-size", Kind::Size),
     ("writeBufferSize", "write-buffer-size", Kind::Size),
     ("maxStagingSize", "max-staging-size", Kind::Size),
+    ("s3Timeout", "s3-timeout", Kind::StallLimit),
 ];
 
 /// Volume-context key: mount only this sub-prefix of the volume.
@@ -337,6 +340,10 @@ fn check_value(key: &str, kind: Kind, v: &str) -> Result<(), String> {
         Kind::Seconds => match v.parse::<f64>() {
             Ok(s) if s.is_finite() && s >= 0.0 => Ok(()),
             _ => Err("expected seconds >= 0".to_owned()),
+        },
+        Kind::StallLimit => match v.parse::<u64>() {
+            Ok(s) if (3..=86_400).contains(&s) => Ok(()),
+            _ => Err("expected whole seconds from 3 to 86400".to_owned()),
         },
     };
     ok.map_err(|why| format!("invalid value {v:?} for option {key}: {why}"))
@@ -515,6 +522,8 @@ mod tests {
     #[test_case("onDelete", "never", "expected purge, ifEmpty or keep")]
     #[test_case("uid", "root", "invalid value \"root\" for option uid")]
     #[test_case("namePrefix", "UPPER", "invalid parameter namePrefix")]
+    #[test_case("s3Timeout", "1.5", "expected whole seconds from 3 to 86400")]
+    #[test_case("s3Timeout", "2", "invalid value \"2\" for option s3Timeout")]
     fn bad_params_name_the_key(k: &str, v: &str, want: &str) {
         let params = HashMap::from([(k.to_owned(), v.to_owned())]);
         let err = CreateParams::parse(&params).unwrap_err();

@@ -276,8 +276,12 @@ impl<S: ObjectStore> Fetcher<S> {
     /// retried a few times, while the last byte received is less than the stall limit ago.
     fn retry_after(&self, e: &S3Error, attempt: u32, progress: Instant) -> Option<Duration> {
         let backoff = BODY_RETRY_BACKOFF * 2u32.pow(attempt);
-        (e.is_transient() && attempt < BODY_RETRIES && progress.elapsed() + backoff < self.stall_limit)
-            .then_some(backoff)
+        let retry = e.is_transient() && attempt < BODY_RETRIES && progress.elapsed() + backoff < self.stall_limit;
+        if !retry && matches!(e, S3Error::Unreachable(_)) {
+            // Gave up on an unanswered request (ours or the SDK's timeout): see `stalled_at`.
+            *self.stalled_at.lock().unwrap() = Some(Instant::now());
+        }
+        retry.then_some(backoff)
     }
 
     pub fn cache(&self) -> &Arc<BlockCache> {
