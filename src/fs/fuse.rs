@@ -44,8 +44,9 @@ impl<S: ObjectStore> FuseAdapter<S> {
         FuseAdapter { fs, rt, after_init: None }
     }
 
-    /// Runs `f` on the session thread before the first request after `INIT`: by then the kernel
-    /// has applied the `INIT` reply, so connection settings changed from outside (sysfs) stick.
+    /// Runs `f` on the session thread with the first request after `INIT` that goes to a task
+    /// (any lookup, getattr or open does): by then the kernel has applied the `INIT` reply, so
+    /// connection settings changed from outside (sysfs) stick.
     pub fn after_init(mut self, f: impl FnOnce() + Send + 'static) -> Self {
         self.after_init = Some(Box::new(f));
         self

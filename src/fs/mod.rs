@@ -556,6 +556,12 @@ impl<S: ObjectStore> S3Fs<S> {
                 self.inodes.unlink_name(inode.parent(), &inode.name());
                 Err(FsError::NotFound)
             }
+            // The body broke off or stalled: a HEAD (retried by the SDK) still opens the file,
+            // and its read goes through the fetcher, which retries too.
+            Err(e) if e.is_transient() => {
+                tracing::debug!(key = %self.inodes.key(inode), error = %e, "GET at open failed; opening with a HEAD");
+                self.head(inode).await
+            }
             Err(e) => Err(e.into()),
         }
     }

@@ -56,7 +56,7 @@ const MAX_READ_BUFFERS: u64 = 64 * BLOCK_SIZE;
 
 /// How the read memory budget (`--memory-cache-size`) is spent. Cached blocks get most of it;
 /// the rest (a quarter, at most 64 MiB) covers what is in flight: the block each GET is
-/// filling (one per concurrent GET; their number is an eighth of this share), the SDK's
+/// filling (one per concurrent GET: one GET per 4 MiB of this share, at most 16), the SDK's
 /// receive buffers, blocks of a request still referenced by its waiters, and the reply buffers
 /// of FUSE reads (one per read the kernel has outstanding, bounded by its background limit).
 /// Measured on a 1 GiB scan, all of these together peak at about 45 MiB.
@@ -70,7 +70,9 @@ impl ReadBudget {
     pub fn split(memory_bytes: u64) -> Self {
         let buffers = (memory_bytes / 4).min(MAX_READ_BUFFERS);
         let max_gets = ((buffers / 4 / BLOCK_SIZE) as usize).clamp(1, MAX_CONCURRENT_GETS);
-        ReadBudget { cache_bytes: memory_bytes - buffers, max_gets }
+        // The cache always holds at least one block (tiny budgets are for tests of the disk tier).
+        let cache_bytes = (memory_bytes - buffers).max(memory_bytes.min(BLOCK_SIZE));
+        ReadBudget { cache_bytes, max_gets }
     }
 }
 /// Extra attempts for a GET whose body breaks off mid-way (the SDK only retries until headers).
@@ -263,10 +265,13 @@ impl<S: ObjectStore> Fetcher<S> {
     /// Awaits `fut` unless nothing has arrived for the stall limit since `progress`.
     async fn until_stalled<T>(&self, key: &str, progress: Instant, fut: impl Future<Output = T>) -> Result<T, S3Error> {
         let deadline = tokio::time::Instant::from_std(progress + self.stall_limit);
+        let started = Instant::now();
         tokio::time::timeout_at(deadline, fut).await.map_err(|_| {
             *self.stalled_at.lock().unwrap() = Some(Instant::now());
             S3Error::Unreachable(format!(
-                "no data from S3 for {} s while reading {key:?} (the limit is --s3-timeout)",
+                "S3 stopped answering: no data for {:.1} s while reading {key:?} (--s3-timeout is {} s; \
+                 after a stall, new requests wait a third of it)",
+                started.elapsed().as_secs_f64(),
                 self.stall_limit.as_secs()
             ))
         })
@@ -598,6 +603,8 @@ mod tests {
         assert_eq!(b, ReadBudget { cache_bytes: 192 << 20, max_gets: 16 });
         let b = ReadBudget::split(8 << 20);
         assert_eq!(b, ReadBudget { cache_bytes: 6 << 20, max_gets: 1 });
+        let b = ReadBudget::split(1 << 20);
+        assert_eq!(b.cache_bytes, 1 << 20, "at least one block is cached");
         let b = ReadBudget::split(64 << 20);
         assert_eq!((b.cache_bytes, b.max_gets), (48 << 20, 4));
     }

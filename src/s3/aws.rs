@@ -251,6 +251,22 @@ impl AwsStore {
         aws_sdk_s3::config::Builder::default().timeout_config(timeout_config(&self.timeouts, bytes))
     }
 
+    /// Time limits for work the server does on data it already has (CopyObject, UploadPartCopy,
+    /// CompleteMultipartUpload), which can take minutes for large objects: S3 sends its headers
+    /// early and keeps the connection alive with whitespace, other servers answer only when
+    /// done. Each attempt may wait the whole stall limit for its first byte, and the request
+    /// (retries included) three limits.
+    fn server_side(&self) -> aws_sdk_s3::config::Builder {
+        let t = &self.timeouts;
+        aws_sdk_s3::config::Builder::default().timeout_config(
+            TimeoutConfig::builder()
+                .connect_timeout(CONNECT_TIMEOUT)
+                .read_timeout(t.stall)
+                .operation_timeout(3 * t.stall)
+                .build(),
+        )
+    }
+
     pub fn client(&self) -> &Client {
         &self.client
     }
@@ -343,7 +359,10 @@ fn body_stream(body: ByteStream, key: String, idle: Duration) -> BoxStream<'stat
                 Some((Err(err), None))
             }
             Err(_) => {
-                let err = S3Error::Body(key.clone(), format!("no data for {} s", idle.as_secs()));
+                let err = S3Error::Body(
+                    key.clone(),
+                    format!("no data for {:.1} s (a third of --s3-timeout)", idle.as_secs_f64()),
+                );
                 Some((Err(err), None))
             }
         }
@@ -444,6 +463,23 @@ impl ObjectStore for AwsStore {
             .send()
             .await
             .map_err(|e| map_sdk_error("GetObject", &self.bucket, &object.key, e))?;
+        // A server (or proxy) that ignored the Range would send the object from byte 0.
+        let expected = format!("bytes {}-{}/", range.start, range.end - 1);
+        if !out.content_range().is_some_and(|r| r.starts_with(&expected)) {
+            return Err(S3Error::Service {
+                operation: "GetObject",
+                status: 200,
+                code: String::new(),
+                message: format!(
+                    "asked for bytes {}-{} of {:?} but the server answered Content-Range {:?}; \
+                     the endpoint (or a proxy before it) does not support ranged GETs",
+                    range.start,
+                    range.end - 1,
+                    object.key,
+                    out.content_range()
+                ),
+            });
+        }
         let etag = out.e_tag().map(str::to_owned);
         // Some servers ignore If-Match; compare the ETag they return as well.
         if object.has_etag && etag.as_deref().is_some_and(|e| e != object.version) {
@@ -463,13 +499,17 @@ impl ObjectStore for AwsStore {
             }
             Err(e) => return Err(e),
         };
-        // `Content-Range: bytes 0-N/TOTAL` gives the whole size; a server that ignored the
-        // range answered with the whole object.
-        let size = out
-            .content_range()
-            .and_then(|r| r.rsplit_once('/'))
-            .and_then(|(_, total)| total.parse::<u64>().ok())
-            .unwrap_or_else(|| non_negative(out.content_length()));
+        // `Content-Range: bytes 0-N/TOTAL` gives the whole size. Without one the server sent
+        // the whole object, unless it sent exactly `len` bytes (it may have cut it short):
+        // then only a HEAD can say.
+        let total = out.content_range().map(|r| r.rsplit_once('/').and_then(|(_, t)| t.parse::<u64>().ok()));
+        let size = match total {
+            Some(Some(total)) => total,
+            None if non_negative(out.content_length()) < len => non_negative(out.content_length()),
+            _ => {
+                return Ok(ObjectStart { meta: self.head_object(key).await?, data: Bytes::new() });
+            }
+        };
         let meta = ObjectMeta {
             key: key.to_owned(),
             size,
@@ -568,6 +608,8 @@ impl ObjectStore for AwsStore {
             .copy_source(copy_source(&self.bucket, &source.key))
             .copy_source_range(format!("bytes={}-{}", range.start, range.end - 1))
             .set_copy_source_if_match(source.if_match().map(str::to_owned))
+            .customize()
+            .config_override(self.server_side())
             .send()
             .await
             .map_err(|e| map_sdk_error("UploadPartCopy", &self.bucket, key, e))?;
@@ -591,6 +633,8 @@ impl ObjectStore for AwsStore {
             .key(key)
             .upload_id(upload_id)
             .multipart_upload(CompletedMultipartUpload::builder().set_parts(Some(parts)).build())
+            .customize()
+            .config_override(self.server_side())
             .send()
             .await
             .map_err(|e| map_sdk_error("CompleteMultipartUpload", &self.bucket, key, e))?;
@@ -623,7 +667,12 @@ impl ObjectStore for AwsStore {
         if let Some(m) = metadata {
             req = req.metadata_directive(MetadataDirective::Replace).set_metadata(metadata_map(m));
         }
-        let out = req.send().await.map_err(|e| map_sdk_error("CopyObject", &self.bucket, &source.key, e))?;
+        let out = req
+            .customize()
+            .config_override(self.server_side())
+            .send()
+            .await
+            .map_err(|e| map_sdk_error("CopyObject", &self.bucket, &source.key, e))?;
         let result = out.copy_object_result();
         Ok(Copied {
             etag: result.and_then(|r| r.e_tag()).unwrap_or_default().to_owned(),
