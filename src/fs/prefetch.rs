@@ -307,10 +307,15 @@ impl<S: ObjectStore> Fetcher<S> {
             return Ok(Vec::new());
         }
         let prefetch = match access {
-            Access::Random if !self.all_at_hand(object, needed.clone()) => {
-                return Ok(vec![self.read_exact(object, size, range).await?]);
+            Access::Random => {
+                let absent = self.not_at_hand(object, needed.clone());
+                if absent > 0 {
+                    // Counted as the misses they are, although no block is fetched whole.
+                    self.cache.stats.misses.fetch_add(absent, Ordering::Relaxed);
+                    return Ok(vec![self.read_exact(object, size, range).await?]);
+                }
+                0
             }
-            Access::Random => 0,
             Access::Sequential { prefetch } => prefetch,
         };
         // Resolve needed blocks from the cache first (memory, then disk).
@@ -386,13 +391,17 @@ impl<S: ObjectStore> Fetcher<S> {
         drop(self.start_fetches(object, size, &missing, per_request, true));
     }
 
-    /// Whether every block of `blocks` is cached or already being fetched.
-    fn all_at_hand(&self, object: &Arc<ObjectId>, blocks: Range<u64>) -> bool {
+    /// How many blocks of `blocks` are neither cached nor being fetched.
+    fn not_at_hand(&self, object: &Arc<ObjectId>, blocks: Range<u64>) -> u64 {
         let inflight = self.inflight.lock().unwrap();
-        blocks.into_iter().all(|index| {
-            let key = BlockKey { object: Arc::clone(object), index };
-            inflight.contains_key(&key) || self.cache.contains_in_memory(&key) || self.cache.contains_on_disk(&key)
-        })
+        blocks
+            .filter(|&index| {
+                let key = BlockKey { object: Arc::clone(object), index };
+                !inflight.contains_key(&key)
+                    && !self.cache.contains_in_memory(&key)
+                    && !self.cache.contains_on_disk(&key)
+            })
+            .count() as u64
     }
 
     /// One ranged GET of exactly `range` (clamped to `size`), retried when the body breaks off.
@@ -419,8 +428,12 @@ impl<S: ObjectStore> Fetcher<S> {
             let start = index * BLOCK_SIZE;
             let end = start + block_len(index, size);
             if start >= range.start && end <= range.end {
-                let slice = data.slice((start - range.start) as usize..(end - range.start) as usize);
-                self.cache.insert(BlockKey { object: Arc::clone(object), index }, slice);
+                let mut block = data.slice((start - range.start) as usize..(end - range.start) as usize);
+                if block.len() < data.len() {
+                    // A slice would keep the whole response alive under a block's charge.
+                    block = Bytes::copy_from_slice(&block);
+                }
+                self.cache.insert(BlockKey { object: Arc::clone(object), index }, block);
             }
         }
         Ok(data)

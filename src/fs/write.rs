@@ -51,6 +51,8 @@ pub const MIN_PART_SIZE: u64 = 5 * MIB;
 const PARTS_PER_STEP: i32 = 1000;
 /// Background retries of an abort that failed (S3 unreachable): about half an hour in all.
 const ABORT_RETRIES: u32 = 60;
+/// First capacity of a streaming part's buffer: small files stay small.
+const PART_BUFFER_START: usize = 64 << 10;
 /// How long `close` waits for the first attempt to abort a failed upload.
 const ABORT_INLINE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 const ABORT_RETRY_FIRST: std::time::Duration = std::time::Duration::from_secs(1);
@@ -635,15 +637,19 @@ impl OpenFile {
                 self.size += data.len() as u64;
                 let mut data = data;
                 while !data.is_empty() {
-                    // Each part is filled in an allocation of exactly its size, so the part
-                    // uploading holds no more memory than the write budget charges it.
+                    // A part's buffer grows by doubling (the first part's from 64 KiB) but never
+                    // past the part size, so a part holds no more memory than the write budget
+                    // charges it and a small file no more than about twice its size.
                     let part_size = ctx.stream_part_size(st.next_part) as usize;
-                    if st.buf.capacity() < part_size {
-                        let mut exact = BytesMut::with_capacity(part_size);
-                        exact.extend_from_slice(&st.buf);
-                        st.buf = exact;
-                    }
                     let take = (part_size - st.buf.len()).min(data.len());
+                    if st.buf.capacity() < st.buf.len() + take {
+                        // After a full part the file is evidently large: take whole parts at once.
+                        let start = if st.next_part > 1 { part_size } else { PART_BUFFER_START };
+                        let want = (st.buf.capacity() * 2).max(st.buf.len() + take).max(start);
+                        let mut grown = BytesMut::with_capacity(want.min(part_size));
+                        grown.extend_from_slice(&st.buf);
+                        st.buf = grown;
+                    }
                     st.buf.extend_from_slice(&data[..take]);
                     data = &data[take..];
                     if st.buf.len() < part_size {
