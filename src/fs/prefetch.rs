@@ -111,6 +111,8 @@ struct Stream {
     run: u64,
     /// Logical time of the last read, to replace the stalest stream.
     used: u64,
+    /// Counted among the fetcher's sequential streams.
+    counted: bool,
 }
 
 /// Per-handle access-pattern detector: up to [`STREAMS_PER_HANDLE`] in-order streams.
@@ -118,11 +120,13 @@ struct Stream {
 /// A stream prefetches once it has read [`SEQUENTIAL_EVIDENCE`] bytes in order, and then as
 /// many bytes as it has read so far (up to the cap the fetcher allows): the window starts small,
 /// doubles as the stream proves itself, and a scan that stops wastes at most what it had read.
+/// Each sequential stream is counted with the fetcher while it is tracked, so all of a mount's
+/// scans share the prefetch budget.
 #[derive(Debug)]
 pub struct ReadPattern {
     streams: Vec<Stream>,
     clock: u64,
-    /// Registered with the fetcher as a sequential reader (for the shared window budget).
+    /// The fetcher's count of sequential streams, once this handle has had one.
     sequential: Option<Arc<AtomicUsize>>,
 }
 
@@ -133,59 +137,73 @@ impl ReadPattern {
 
     /// Records a read of `len` bytes at `offset` and says how to serve it.
     pub fn on_read<S>(&mut self, offset: u64, len: u64, fetcher: &Fetcher<S>) -> Access {
-        let run = self.note(offset, len);
-        if run < SEQUENTIAL_EVIDENCE {
+        let counter = self.sequential.get_or_insert_with(|| Arc::clone(&fetcher.sequential_streams));
+        let counter = Arc::clone(counter);
+        let stream = self.note(offset, len, &counter);
+        if stream.run < SEQUENTIAL_EVIDENCE {
             return Access::Random;
         }
-        if self.sequential.is_none() {
-            fetcher.sequential_streams.fetch_add(1, Ordering::Relaxed);
-            self.sequential = Some(Arc::clone(&fetcher.sequential_streams));
+        if !stream.counted {
+            stream.counted = true;
+            counter.fetch_add(1, Ordering::Relaxed);
         }
-        Access::Sequential { prefetch: run.min(fetcher.window_cap()) }
+        Access::Sequential { prefetch: stream.run.min(fetcher.window_cap()) }
     }
 
-    /// Adds the read to the stream it continues (or starts one); returns that stream's run.
-    fn note(&mut self, offset: u64, len: u64) -> u64 {
+    /// Adds the read to the stream it continues (or starts one) and returns that stream.
+    /// Streams it drops are uncounted from `counter`.
+    fn note(&mut self, offset: u64, len: u64, counter: &AtomicUsize) -> &mut Stream {
         self.clock += 1;
         let end = offset.saturating_add(len);
         let continues = |s: &Stream| {
             offset.saturating_add(STREAM_BACKTRACK) >= s.next && offset <= s.next.saturating_add(STREAM_GAP)
         };
+        let uncount = |s: &Stream| {
+            if s.counted {
+                counter.fetch_sub(1, Ordering::Relaxed);
+            }
+        };
         // The longest run this read continues; shorter ones near it are the same scan's stray
         // pieces and are dropped.
         let longest =
             self.streams.iter().enumerate().filter(|(_, s)| continues(s)).max_by_key(|(_, s)| s.run).map(|(i, _)| i);
-        if let Some(keep) = longest {
-            let mut i = 0;
-            self.streams.retain(|s| {
-                let stay = i == keep || !continues(s);
-                i += 1;
-                stay
-            });
-        }
-        let continued = longest.and_then(|_| self.streams.iter_mut().filter(|s| continues(s)).max_by_key(|s| s.run));
-        let stream = match continued {
-            Some(s) => {
+        let index = match longest {
+            Some(keep) => {
+                let mut i = 0;
+                self.streams.retain(|s| {
+                    let stay = i == keep || !continues(s);
+                    if !stay {
+                        uncount(s);
+                    }
+                    i += 1;
+                    stay
+                });
+                // Only the kept stream continues now.
+                let index = self.streams.iter().position(continues).expect("the kept stream continues");
+                let s = &mut self.streams[index];
                 if end > s.next {
                     s.run += end - s.next.max(offset);
                     s.next = end;
                 }
-                s
+                index
             }
             None => {
-                let fresh = Stream { next: end, run: len, used: 0 };
+                let fresh = Stream { next: end, run: len, used: 0, counted: false };
                 if self.streams.len() < STREAMS_PER_HANDLE {
                     self.streams.push(fresh);
-                    self.streams.last_mut().expect("just pushed")
+                    self.streams.len() - 1
                 } else {
-                    let stalest = self.streams.iter_mut().min_by_key(|s| s.used).expect("streams is full");
+                    let (index, stalest) =
+                        self.streams.iter_mut().enumerate().min_by_key(|(_, s)| s.used).expect("streams is full");
+                    uncount(stalest);
                     *stalest = fresh;
-                    stalest
+                    index
                 }
             }
         };
+        let stream = &mut self.streams[index];
         stream.used = self.clock;
-        stream.run
+        stream
     }
 }
 
@@ -197,8 +215,9 @@ impl Default for ReadPattern {
 
 impl Drop for ReadPattern {
     fn drop(&mut self) {
-        if let Some(count) = &self.sequential {
-            count.fetch_sub(1, Ordering::Relaxed);
+        if let Some(counter) = &self.sequential {
+            let counted = self.streams.iter().filter(|s| s.counted).count();
+            counter.fetch_sub(counted, Ordering::Relaxed);
         }
     }
 }
@@ -741,6 +760,28 @@ mod tests {
             judged.push(p.on_read(b + i * BLOCK_SIZE, BLOCK_SIZE, &f));
         }
         assert!(judged[10..].iter().all(|a| matches!(a, Access::Sequential { .. })), "{judged:?}");
+    }
+
+    #[test]
+    fn every_scan_counts_even_on_one_handle_and_leaves_when_replaced() {
+        let f = fetcher(256 << 20);
+        let mut p = ReadPattern::new();
+        for i in 0..10 {
+            p.on_read(i * BLOCK_SIZE, BLOCK_SIZE, &f);
+            p.on_read(500 * BLOCK_SIZE + i * BLOCK_SIZE, BLOCK_SIZE, &f);
+        }
+        assert_eq!(f.sequential_streams.load(Ordering::Relaxed), 2, "two scans on one handle");
+        // Random reads elsewhere replace the scans one by one.
+        for i in 0..8 {
+            p.on_read(100 * BLOCK_SIZE + i * 20 * BLOCK_SIZE, 4096, &f);
+        }
+        assert_eq!(f.sequential_streams.load(Ordering::Relaxed), 0, "replaced scans are uncounted");
+        for i in 0..10 {
+            p.on_read(300 * BLOCK_SIZE + i * BLOCK_SIZE, BLOCK_SIZE, &f);
+        }
+        assert_eq!(f.sequential_streams.load(Ordering::Relaxed), 1);
+        drop(p);
+        assert_eq!(f.sequential_streams.load(Ordering::Relaxed), 0, "a closed handle uncounts its scans");
     }
 
     #[test]
