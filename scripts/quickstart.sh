@@ -103,8 +103,13 @@ DONE
 if [ "$USE_MINIO" = yes ]; then
     echo "Stop MinIO:          docker compose -f $ROOT/minio-compose.yml down"
 else
-    echo "Stop the S3 server:  kill \"\$(cat ${S3CSI_DATA:-/tmp/s3csi-data}.pid)\""
-    if [ "${S3CSI_SERVER:-moto}" = moto ]; then
-        echo "                     (moto keeps the bucket in memory: stopping it loses the data)"
+    pidfile="${S3CSI_DATA:-/tmp/s3csi-data}.pid"
+    if kill -0 "$(cat "$pidfile" 2>/dev/null)" 2>/dev/null; then
+        echo "Stop the S3 server:  kill \"\$(cat $pidfile)\""
+        if [ "${S3CSI_SERVER:-moto}" = moto ]; then
+            echo "                     (moto keeps the bucket in memory: stopping it loses the data)"
+        fi
+    else
+        echo "The S3 server on 127.0.0.1:9000 was not started by these scripts; stop it the way it was started."
     fi
 fi

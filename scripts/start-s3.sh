@@ -79,6 +79,7 @@ port_open() { (exec 3<>"/dev/tcp/$HOST/$PORT") 2>/dev/null; }
 running_server() {
     local pid cmdline
     pid=$(cat "$PIDFILE" 2>/dev/null) || { echo unknown; return; }
+    [ -r "/proc/$pid/cmdline" ] || { echo unknown; return; }
     cmdline=$(tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null) || { echo unknown; return; }
     case "$cmdline" in
         *moto*) echo moto ;;
@@ -170,7 +171,11 @@ start_moto() {
 
 if answers_as_ours; then
     running=$(running_server)
-    say "S3 server already running at $ENDPOINT ($running)"
+    if [ "$running" = unknown ]; then
+        say "an S3 server this script did not start already answers at $ENDPOINT with the s3csi credentials; using it"
+    else
+        say "S3 server already running at $ENDPOINT ($running)"
+    fi
     if [ "$running" != unknown ] && [ "$running" != "$SERVER" ]; then
         say "note: you asked for $SERVER; stop the running one first to switch: kill \"\$(cat $PIDFILE)\""
     fi
@@ -201,8 +206,13 @@ case "$(s3req HEAD "/$BUCKET")" in
         ;;
 esac
 
+if [ "$(running_server)" = unknown ]; then
+    stop_hint="not started by this script (no live process in $PIDFILE); stop it the way it was started"
+else
+    stop_hint="kill \"\$(cat $PIDFILE)\""
+fi
 cat <<INFO
 S3 endpoint : $ENDPOINT   (path style, region $REGION, server: $(running_server))
 credentials : AWS_ACCESS_KEY_ID=$ACCESS_KEY AWS_SECRET_ACCESS_KEY=$SECRET_KEY
-stop it with: kill "\$(cat $PIDFILE)"
+stop it with: $stop_hint
 INFO

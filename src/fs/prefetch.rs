@@ -113,6 +113,8 @@ struct Stream {
     used: u64,
     /// Counted among the fetcher's sequential streams.
     counted: bool,
+    /// Began at offset 0.
+    from_start: bool,
 }
 
 /// Per-handle access-pattern detector: up to [`STREAMS_PER_HANDLE`] in-order streams.
@@ -141,7 +143,9 @@ impl ReadPattern {
         let counter = Arc::clone(counter);
         let stream = self.note(offset, len, &counter);
         if stream.run < SEQUENTIAL_EVIDENCE {
-            return Access::Random;
+            // A file read in order from its start (cat, cp, a whole-file read) is the common
+            // case: whole blocks, so they are cached for the next reader, but no prefetch yet.
+            return if stream.from_start { Access::Sequential { prefetch: 0 } } else { Access::Random };
         }
         if !stream.counted {
             stream.counted = true;
@@ -188,7 +192,7 @@ impl ReadPattern {
                 index
             }
             None => {
-                let fresh = Stream { next: end, run: len, used: 0, counted: false };
+                let fresh = Stream { next: end, run: len, used: 0, counted: false, from_start: offset == 0 };
                 if self.streams.len() < STREAMS_PER_HANDLE {
                     self.streams.push(fresh);
                     self.streams.len() - 1
@@ -234,10 +238,10 @@ pub struct Fetcher<S> {
     sequential_streams: Arc<AtomicUsize>,
     /// A GET that receives nothing for this long fails (`--s3-timeout`).
     stall_limit: Duration,
-    /// When a GET last failed for stalling, until a later GET gets an answer: the server is
-    /// presumed unresponsive, and new GETs get only a third of the stall limit. The kernel
-    /// retries a failed read-ahead with a read of its own, which must not wait the full limit
-    /// again.
+    /// When a GET last failed for stalling, until a later GET gets an answer: for a third of
+    /// the stall limit after that, the server is presumed unresponsive and new GETs get only a
+    /// third of the limit. The kernel retries a failed read-ahead at once with a read of its
+    /// own, which must not wait the full limit again.
     stalled_at: Mutex<Option<Instant>>,
 }
 
@@ -274,7 +278,7 @@ impl<S: ObjectStore> Fetcher<S> {
     fn start_progress(&self) -> Instant {
         let now = Instant::now();
         match *self.stalled_at.lock().unwrap() {
-            Some(at) if now.duration_since(at) < self.stall_limit => {
+            Some(at) if now.duration_since(at) < self.stall_limit / 3 => {
                 now.checked_sub(self.stall_limit - self.stall_limit / 3).unwrap_or(now)
             }
             _ => now,
@@ -707,7 +711,9 @@ mod tests {
     fn random_small_reads_never_prefetch() {
         let f = fetcher(256 << 20);
         let reads: Vec<(u64, u64)> = (0..500u64).map(|i| ((i * 7919 % 4096) * 256 * KIB, 4 * KIB)).collect();
-        assert!(judge(&f, &reads).iter().all(|a| *a == Access::Random));
+        let judged = judge(&f, &reads);
+        assert!(judged.iter().all(|a| !matches!(a, Access::Sequential { prefetch } if *prefetch > 0)), "{judged:?}");
+        assert!(judged[1..].iter().all(|a| *a == Access::Random), "only a read at offset 0 takes whole blocks");
     }
 
     #[test]
@@ -732,6 +738,13 @@ mod tests {
             last = prefetch;
         }
         assert_eq!(last, MAX_WINDOW, "a long scan reaches the largest window");
+    }
+
+    #[test]
+    fn a_file_read_from_its_start_takes_whole_blocks_before_it_prefetches() {
+        let f = fetcher(1 << 30);
+        let reads = [(0, 32 * KIB), (32 * KIB, 128 * KIB), (160 * KIB, 256 * KIB), (416 * KIB, 512 * KIB)];
+        assert!(judge(&f, &reads).iter().all(|a| *a == Access::Sequential { prefetch: 0 }));
     }
 
     #[test]
