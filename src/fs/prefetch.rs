@@ -105,6 +105,8 @@ pub enum Access {
 /// One run of in-order reads on a handle.
 #[derive(Debug, Clone)]
 struct Stream {
+    /// Where the stream began.
+    start: u64,
     /// Where the next in-order read would start.
     next: u64,
     /// Bytes read in order so far.
@@ -142,7 +144,10 @@ impl ReadPattern {
         let counter = self.sequential.get_or_insert_with(|| Arc::clone(&fetcher.sequential_streams));
         let counter = Arc::clone(counter);
         let stream = self.note(offset, len, &counter);
-        if stream.run < SEQUENTIAL_EVIDENCE {
+        // A scan reads most of what it passes over; reads strided across gaps (64 KiB every
+        // 2 MiB, say) are not one, however many there are.
+        let dense = stream.run.saturating_mul(2) >= stream.next - stream.start;
+        if stream.run < SEQUENTIAL_EVIDENCE || !dense {
             // A file read in order from its start (cat, cp, a whole-file read) is the common
             // case: whole blocks, so they are cached for the next reader, but no prefetch yet.
             return if stream.from_start { Access::Sequential { prefetch: 0 } } else { Access::Random };
@@ -192,7 +197,8 @@ impl ReadPattern {
                 index
             }
             None => {
-                let fresh = Stream { next: end, run: len, used: 0, counted: false, from_start: offset == 0 };
+                let fresh =
+                    Stream { start: offset, next: end, run: len, used: 0, counted: false, from_start: offset == 0 };
                 if self.streams.len() < STREAMS_PER_HANDLE {
                     self.streams.push(fresh);
                     self.streams.len() - 1
@@ -738,6 +744,16 @@ mod tests {
             last = prefetch;
         }
         assert_eq!(last, MAX_WINDOW, "a long scan reaches the largest window");
+    }
+
+    #[test]
+    fn strided_reads_are_not_a_scan() {
+        let f = fetcher(1 << 30);
+        let reads: Vec<(u64, u64)> = (1..200u64).map(|i| (i * 2 * BLOCK_SIZE, 64 * KIB)).collect();
+        assert!(judge(&f, &reads).iter().all(|a| *a == Access::Random));
+        // Half the pages found in the page cache still leaves a scan.
+        let reads: Vec<(u64, u64)> = (1..40u64).map(|i| (i * BLOCK_SIZE, 512 * KIB)).collect();
+        assert!(matches!(judge(&f, &reads).last(), Some(Access::Sequential { prefetch }) if *prefetch > 0));
     }
 
     #[test]
