@@ -224,6 +224,8 @@ pub struct Ownership {
 /// Block cache sizing.
 #[derive(Debug, Clone)]
 pub struct CacheConfig {
+    /// The memory tier: `--memory-cache-size` less the buffers of reads in flight
+    /// (`fs::prefetch::ReadBudget`).
     pub memory_bytes: u64,
     pub disk_dir: Option<PathBuf>,
     pub disk_bytes: u64,

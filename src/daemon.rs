@@ -190,9 +190,7 @@ pub fn run_foreground(config: MountConfig, notify_ready: bool) -> anyhow::Result
         ),
         None => None,
     };
-    // The memory budget covers buffers in flight too; the cache gets the rest.
-    let budget = crate::fs::prefetch::ReadBudget::split(config.cache.memory_bytes);
-    let cache = Arc::new(BlockCache::new(budget.cache_bytes, disk));
+    let cache = Arc::new(BlockCache::new(config.cache.memory_bytes, disk));
     let watched = Arc::clone(&cache);
     metrics.add_refresher(move |m| watched.export(m));
     let fs = S3Fs::new(Arc::new(store), cache, config.fs.clone()).map_err(|e| {

@@ -179,6 +179,8 @@ impl MountArgs {
             Some(dir) => dir.join("s3csi-staging"),
             None => std::env::temp_dir().join(format!("s3csi-staging-{}", std::process::id())),
         };
+        // --memory-cache-size covers reads in flight too; the block cache gets the rest.
+        let read_budget = ReadBudget::split(self.memory_cache_size.0);
         // SAFETY: getuid/getgid cannot fail and touch no memory.
         let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
         Ok(MountConfig {
@@ -204,7 +206,7 @@ impl MountArgs {
                 },
                 metadata_ttl: Duration::from_secs_f64(self.metadata_ttl),
                 stall_limit: Duration::from_secs(self.s3_timeout),
-                max_gets: ReadBudget::split(self.memory_cache_size.0).max_gets,
+                max_gets: read_budget.max_gets,
                 write: WriteConfig {
                     part_size: self.part_size.0,
                     buffer_bytes: self.write_buffer_size.0.max(self.part_size.0),
@@ -213,7 +215,7 @@ impl MountArgs {
                 },
             },
             cache: CacheConfig {
-                memory_bytes: self.memory_cache_size.0,
+                memory_bytes: read_budget.cache_bytes,
                 disk_dir: self.cache_dir,
                 disk_bytes: self.max_cache_size.0,
             },

@@ -133,9 +133,12 @@ struct FileHandle {
     pattern: Mutex<ReadPattern>,
 }
 
-/// How one read will be served, decided in kernel order (see [`S3Fs::plan_read`]).
-#[derive(Debug, Clone, Copy)]
-pub struct ReadPlan(Option<Access>);
+/// How one read will be served, decided in kernel order (see [`S3Fs::plan_read`]): the handle
+/// it was planned with and, for a read of an object, how to fetch it.
+pub struct ReadPlan {
+    handle: Option<Arc<FileHandle>>,
+    access: Option<Access>,
+}
 
 struct DirHandle {
     entries: Vec<DirEntry>,
@@ -697,27 +700,31 @@ impl<S: ObjectStore> S3Fs<S> {
     /// Records a read in its handle's access pattern. Called in the order the kernel sent the
     /// reads (on the FUSE thread), so concurrent tasks cannot reorder a sequential scan.
     pub fn plan_read(&self, fh: u64, offset: u64, size: u32) -> ReadPlan {
-        let Ok(handle) = self.handle(fh) else { return ReadPlan(None) };
-        let Some((_, obj_size)) = &handle.object else { return ReadPlan(None) };
-        let end = offset.saturating_add(u64::from(size)).min(*obj_size);
-        if offset >= end {
-            return ReadPlan(None);
-        }
-        let access = handle.pattern.lock().unwrap().on_read(offset, end - offset, &self.fetcher);
-        tracing::trace!(offset, len = end - offset, ?access, "read");
-        ReadPlan(Some(access))
+        let Ok(handle) = self.handle(fh) else { return ReadPlan { handle: None, access: None } };
+        let access = match &handle.object {
+            Some((_, obj_size)) => {
+                let end = offset.saturating_add(u64::from(size)).min(*obj_size);
+                (offset < end).then(|| handle.pattern.lock().unwrap().on_read(offset, end - offset, &self.fetcher))
+            }
+            None => None,
+        };
+        tracing::trace!(offset, size, ?access, "read");
+        ReadPlan { handle: Some(handle), access }
     }
 
     /// Serves a read planned with [`S3Fs::plan_read`].
     pub async fn read_planned(&self, fh: u64, offset: u64, size: u32, plan: ReadPlan) -> Result<Vec<Bytes>, FsError> {
-        let handle = self.handle(fh)?;
+        let handle = match plan.handle {
+            Some(handle) => handle,
+            None => self.handle(fh)?,
+        };
         if let Some(state) = &handle.state {
             let inode = self.inode(handle.ino)?;
             return state.read(&self.writes, &self.inodes.key(&inode), offset, u64::from(size)).await;
         }
         let (object, obj_size) = handle.object.as_ref().expect("read handles have an object or a state");
         let end = offset.saturating_add(u64::from(size)).min(*obj_size);
-        match plan.0 {
+        match plan.access {
             Some(access) if offset < end => Ok(self.fetcher.read(object, *obj_size, offset..end, access).await?),
             _ => Ok(Vec::new()),
         }

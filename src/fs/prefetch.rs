@@ -141,9 +141,11 @@ impl ReadPattern {
 
     /// Records a read of `len` bytes at `offset` and says how to serve it.
     pub fn on_read<S>(&mut self, offset: u64, len: u64, fetcher: &Fetcher<S>) -> Access {
-        let counter = self.sequential.get_or_insert_with(|| Arc::clone(&fetcher.sequential_streams));
-        let counter = Arc::clone(counter);
-        let stream = self.note(offset, len, &counter);
+        if self.sequential.is_none() {
+            self.sequential = Some(Arc::clone(&fetcher.sequential_streams));
+        }
+        let counter = &fetcher.sequential_streams;
+        let stream = self.note(offset, len, counter);
         // A scan reads most of what it passes over; reads strided across gaps (64 KiB every
         // 2 MiB, say) are not one, however many there are.
         let dense = stream.run.saturating_mul(2) >= stream.next - stream.start;
@@ -402,16 +404,7 @@ impl<S: ObjectStore> Fetcher<S> {
         let per_request = (prefetch / 4 / BLOCK_SIZE).clamp(1, REQUEST_BLOCKS);
         let missing: Vec<u64> = {
             let inflight = self.inflight.lock().unwrap();
-            ahead
-                .clone()
-                .filter(|&index| index >= first)
-                .filter(|&index| {
-                    let key = BlockKey { object: Arc::clone(object), index };
-                    !inflight.contains_key(&key)
-                        && !self.cache.contains_in_memory(&key)
-                        && !self.cache.contains_on_disk(&key)
-                })
-                .collect()
+            ahead.clone().filter(|&index| index >= first && !self.at_hand(&inflight, object, index)).collect()
         };
         let reaches_end = ahead.end == blocks_for(0..size, size).end;
         if missing.is_empty() || ((missing.len() as u64) < per_request && !reaches_end) {
@@ -423,14 +416,18 @@ impl<S: ObjectStore> Fetcher<S> {
     /// How many blocks of `blocks` are neither cached nor being fetched.
     fn not_at_hand(&self, object: &Arc<ObjectId>, blocks: Range<u64>) -> u64 {
         let inflight = self.inflight.lock().unwrap();
-        blocks
-            .filter(|&index| {
-                let key = BlockKey { object: Arc::clone(object), index };
-                !inflight.contains_key(&key)
-                    && !self.cache.contains_in_memory(&key)
-                    && !self.cache.contains_on_disk(&key)
-            })
-            .count() as u64
+        blocks.filter(|&index| !self.at_hand(&inflight, object, index)).count() as u64
+    }
+
+    /// Whether block `index` is cached (memory or disk) or being fetched (`inflight` locked).
+    fn at_hand(
+        &self,
+        inflight: &HashMap<BlockKey, watch::Receiver<BlockResult>>,
+        object: &Arc<ObjectId>,
+        index: u64,
+    ) -> bool {
+        let key = BlockKey { object: Arc::clone(object), index };
+        inflight.contains_key(&key) || self.cache.contains_in_memory(&key) || self.cache.contains_on_disk(&key)
     }
 
     /// One ranged GET of exactly `range` (clamped to `size`), retried when the body breaks off.
