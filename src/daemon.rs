@@ -270,12 +270,17 @@ pub fn run_foreground(config: MountConfig, notify_ready: bool) -> anyhow::Result
     let ended = waiter.join();
     // Directory attribute records queued since the last flush.
     rt.block_on(records_owner.flush_records());
+    // Aborts of failed uploads still retrying get a last chance; any left are logged by id.
+    rt.block_on(records_owner.finish_uploads(UPLOADS_AT_EXIT));
     match ended {
         Ok(Ok(Ok(()))) => Ok(()),
         Ok(Ok(Err(e))) => Err(anyhow::anyhow!("FUSE session failed: {e}")),
         _ => Err(anyhow::anyhow!("FUSE session thread panicked")),
     }
 }
+
+/// How long unmount waits for aborts of failed multipart uploads still being retried.
+const UPLOADS_AT_EXIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// After readiness, stop writing to the parent's pipes: stdout goes to /dev/null, stderr (the
 /// log) to `log_file` if given, otherwise /dev/null.

@@ -34,6 +34,8 @@ pub enum FsError {
     NoSpace,
     #[error("an earlier upload of this file failed ({0}); its data was not saved")]
     UploadFailed(String),
+    #[error("file too large: S3 objects are limited to 5 TiB")]
+    TooBig,
     #[error("local I/O failed: {0}")]
     Local(String),
     #[error(transparent)]
@@ -57,6 +59,7 @@ impl FsError {
             FsError::Invalid(_) => libc::EINVAL,
             FsError::NameTooLong => libc::ENAMETOOLONG,
             FsError::NoSpace => libc::ENOSPC,
+            FsError::TooBig => libc::EFBIG,
             FsError::Local(_) | FsError::UploadFailed(_) => libc::EIO,
             FsError::Store(_) => libc::EIO,
         }

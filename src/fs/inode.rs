@@ -163,6 +163,12 @@ impl InodeTable {
             .collect()
     }
 
+    /// Every inode with write state (files open for writing, or changed and not yet committed).
+    pub fn with_open_state(&self) -> Vec<(Arc<Inode>, Arc<OpenState>)> {
+        let t = self.tables.lock().unwrap();
+        t.by_ino.values().filter_map(|i| i.open_state().map(|s| (Arc::clone(i), s))).collect()
+    }
+
     /// Records that `parent/name` exists with `kind` and `stat`, reusing its inode when the kind
     /// is unchanged. `lookup` adds one kernel reference (for replies to `lookup`/`create`).
     pub fn upsert(&self, parent: &Inode, name: &str, kind: Kind, stat: Stat, lookup: bool) -> Arc<Inode> {

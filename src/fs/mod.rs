@@ -33,7 +33,7 @@ use write::{OpenState, WriteCtx};
 
 use crate::cache::{BlockCache, BlockKey};
 use crate::config::FsConfig;
-use crate::s3::{CompletedPart, ObjectId, ObjectMeta, ObjectStore, S3Error, UserMetadata};
+use crate::s3::{ObjectId, ObjectMeta, ObjectStore, S3Error, UserMetadata};
 
 /// Longest file name Linux accepts.
 const NAME_MAX: usize = 255;
@@ -123,14 +123,61 @@ pub struct SetAttr {
     pub atime: Option<SystemTime>,
 }
 
+/// What an open file handle reads from.
+enum HandleSource {
+    /// One object version (a read-only open while nobody here was writing the file).
+    Object(Arc<ObjectId>, u64),
+    /// The file's write state: a writer's own, or one a reader shares.
+    State(Arc<OpenState>),
+}
+
 struct FileHandle {
     ino: u64,
-    /// The object version a read-only handle reads (when no write state exists).
-    object: Option<(Arc<ObjectId>, u64)>,
-    /// The shared write state, for writers and for readers opened while it existed.
-    state: Option<Arc<OpenState>>,
     writable: bool,
+    source: Mutex<HandleSource>,
     pattern: Mutex<ReadPattern>,
+}
+
+impl FileHandle {
+    fn new(ino: u64, writable: bool, source: HandleSource) -> Self {
+        FileHandle { ino, writable, source: Mutex::new(source), pattern: Mutex::new(ReadPattern::new()) }
+    }
+
+    /// The write state a read goes through, as on a local filesystem: the file's current one
+    /// (so a reader sees what this mount wrote, and a read never shrinks the size the kernel
+    /// believes), else the one this handle shares; `None` to read the handle's object.
+    fn read_state(&self, inode: &Inode) -> Option<Arc<OpenState>> {
+        let mut source = self.source.lock().unwrap();
+        if let HandleSource::State(own) = &*source
+            && (own.is_unlinked() || self.writable)
+        {
+            // The file it opened is gone (or replaced): it keeps reading that one.
+            return Some(Arc::clone(own));
+        }
+        match (inode.open_state(), &*source) {
+            (Some(current), _) => {
+                *source = HandleSource::State(Arc::clone(&current));
+                Some(current)
+            }
+            (None, HandleSource::State(own)) => Some(Arc::clone(own)),
+            (None, HandleSource::Object(..)) => None,
+        }
+    }
+
+    /// The write state of a writable handle.
+    fn write_state(&self) -> Option<Arc<OpenState>> {
+        match &*self.source.lock().unwrap() {
+            HandleSource::State(s) if self.writable => Some(Arc::clone(s)),
+            _ => None,
+        }
+    }
+
+    fn object(&self) -> Option<(Arc<ObjectId>, u64)> {
+        match &*self.source.lock().unwrap() {
+            HandleSource::Object(o, size) => Some((Arc::clone(o), *size)),
+            HandleSource::State(_) => None,
+        }
+    }
 }
 
 /// How one read will be served, decided in kernel order (see [`S3Fs::plan_read`]): the handle
@@ -292,6 +339,12 @@ impl<S: ObjectStore> S3Fs<S> {
     /// Writes queued directory record changes now (at unmount).
     pub async fn flush_records(&self) {
         self.records.flush().await;
+    }
+
+    /// At unmount: waits up to `limit` for aborts of failed uploads still retrying, and logs
+    /// (key and upload id) any that could not be finished. Returns how many were left.
+    pub async fn finish_uploads(&self, limit: Duration) -> usize {
+        self.writes.uploads.finish(limit).await
     }
 
     /// Queues the record entry of `inode` in its parent directory's record (None: removed).
@@ -601,7 +654,13 @@ impl<S: ObjectStore> S3Fs<S> {
         } else {
             let meta = self.head(inode).await?;
             let stat = stat_from_meta(&meta);
-            OpenState::from_object(Arc::new(ObjectId::from_meta(&meta)), meta.size, stat.attrs, stat.mtime)
+            OpenState::from_object(
+                &self.writes,
+                Arc::new(ObjectId::from_meta(&meta)),
+                meta.size,
+                stat.attrs,
+                stat.mtime,
+            )
         };
         let mut slot = inode.open.lock().unwrap();
         Ok(Arc::clone(slot.get_or_insert(state)))
@@ -644,21 +703,23 @@ impl<S: ObjectStore> S3Fs<S> {
         }
         let writable = flags & libc::O_ACCMODE != libc::O_RDONLY;
         let truncate = flags & libc::O_TRUNC != 0;
-        let pattern = Mutex::new(ReadPattern::new());
         if !writable && !truncate {
             if let Some(state) = inode.open_state() {
-                return Ok(self.new_handle(FileHandle { ino, object: None, state: Some(state), writable, pattern }));
+                return Ok(self.new_handle(FileHandle::new(ino, false, HandleSource::State(state))));
             }
             let meta = self.fetch_for_open(&inode).await?;
-            let object = Some((Arc::new(ObjectId::from_meta(&meta)), meta.size));
-            return Ok(self.new_handle(FileHandle { ino, object, state: None, writable, pattern }));
+            let object = HandleSource::Object(Arc::new(ObjectId::from_meta(&meta)), meta.size);
+            return Ok(self.new_handle(FileHandle::new(ino, false, object)));
         }
         self.check_writable()?;
-        let state = self.open_state(&inode, truncate).await?;
-        if writable {
-            state.add_writer();
+        if !writable {
+            // O_RDONLY|O_TRUNC: truncates like a writer that closes at once.
+            let state = self.begin_writing(&inode, true).await?;
+            self.end_writing(&inode, &state).await?;
+            return Ok(self.new_handle(FileHandle::new(ino, false, HandleSource::State(state))));
         }
-        Ok(self.new_handle(FileHandle { ino, object: None, state: Some(state), writable, pattern }))
+        let state = self.begin_writing(&inode, truncate).await?;
+        Ok(self.new_handle(FileHandle::new(ino, true, HandleSource::State(state))))
     }
 
     /// Creates and opens a new file; it reaches S3 when first flushed or closed.
@@ -681,13 +742,11 @@ impl<S: ObjectStore> S3Fs<S> {
         self.set_new_owner(&mut stat, caller, &dir, Kind::File, mode);
         let inode = self.inodes.upsert(&dir, name, Kind::File, stat, true);
         let state = OpenState::new_empty(inode.stat().attrs, true);
+        state.add_writer();
         if let Some(old) = inode.open.lock().unwrap().replace(Arc::clone(&state)) {
             old.mark_unlinked();
         }
-        state.add_writer();
-        let pattern = Mutex::new(ReadPattern::new());
-        let fh =
-            self.new_handle(FileHandle { ino: inode.ino, object: None, state: Some(state), writable: true, pattern });
+        let fh = self.new_handle(FileHandle::new(inode.ino, true, HandleSource::State(state)));
         Ok((self.attr(&inode), fh))
     }
 
@@ -701,9 +760,10 @@ impl<S: ObjectStore> S3Fs<S> {
     /// reads (on the FUSE thread), so concurrent tasks cannot reorder a sequential scan.
     pub fn plan_read(&self, fh: u64, offset: u64, size: u32) -> ReadPlan {
         let Ok(handle) = self.handle(fh) else { return ReadPlan { handle: None, access: None } };
-        let access = match &handle.object {
+        let writing = self.inodes.get(handle.ino).is_some_and(|i| i.open_state().is_some());
+        let access = match handle.object().filter(|_| !writing) {
             Some((_, obj_size)) => {
-                let end = offset.saturating_add(u64::from(size)).min(*obj_size);
+                let end = offset.saturating_add(u64::from(size)).min(obj_size);
                 (offset < end).then(|| handle.pattern.lock().unwrap().on_read(offset, end - offset, &self.fetcher))
             }
             None => None,
@@ -718,21 +778,26 @@ impl<S: ObjectStore> S3Fs<S> {
             Some(handle) => handle,
             None => self.handle(fh)?,
         };
-        if let Some(state) = &handle.state {
-            let inode = self.inode(handle.ino)?;
+        let inode = self.inode(handle.ino)?;
+        if let Some(state) = handle.read_state(&inode) {
             return state.read(&self.writes, &self.inodes.key(&inode), offset, u64::from(size)).await;
         }
-        let (object, obj_size) = handle.object.as_ref().expect("read handles have an object or a state");
-        let end = offset.saturating_add(u64::from(size)).min(*obj_size);
-        match plan.access {
-            Some(access) if offset < end => Ok(self.fetcher.read(object, *obj_size, offset..end, access).await?),
-            _ => Ok(Vec::new()),
+        let Some((object, obj_size)) = handle.object() else { return Ok(Vec::new()) };
+        let end = offset.saturating_add(u64::from(size)).min(obj_size);
+        let access = match plan.access {
+            Some(access) => access,
+            // Planned while another handle was writing, which has since closed.
+            None => Access::Random,
+        };
+        if offset >= end {
+            return Ok(Vec::new());
         }
+        Ok(self.fetcher.read(&object, obj_size, offset..end, access).await?)
     }
 
     pub async fn write(&self, fh: u64, offset: u64, data: &[u8]) -> Result<u32, FsError> {
         let handle = self.handle(fh)?;
-        let state = handle.state.as_ref().filter(|_| handle.writable).ok_or(FsError::BadHandle)?;
+        let state = handle.write_state().ok_or(FsError::BadHandle)?;
         let inode = self.inode(handle.ino)?;
         state.write(&self.writes, &self.inodes.key(&inode), offset, data).await?;
         Ok(data.len() as u32)
@@ -741,9 +806,16 @@ impl<S: ObjectStore> S3Fs<S> {
     /// Commits the file behind `fh` (close and fsync both call this).
     pub async fn flush(&self, fh: u64) -> Result<(), FsError> {
         let handle = self.handle(fh)?;
-        let Some(state) = &handle.state else { return Ok(()) };
         let inode = self.inode(handle.ino)?;
-        self.commit(&inode, state).await
+        let state = match &*handle.source.lock().unwrap() {
+            HandleSource::State(s) => Arc::clone(s),
+            HandleSource::Object(..) => match inode.open_state() {
+                // Any descriptor's close commits what the file's writers wrote so far.
+                Some(s) => s,
+                None => return Ok(()),
+            },
+        };
+        self.commit(&inode, &state).await
     }
 
     async fn commit(&self, inode: &Inode, state: &OpenState) -> Result<(), FsError> {
@@ -769,19 +841,45 @@ impl<S: ObjectStore> S3Fs<S> {
 
     pub async fn release(&self, fh: u64) -> Result<(), FsError> {
         let Some(handle) = self.files.lock().unwrap().remove(&fh) else { return Ok(()) };
-        let Some(state) = handle.state.as_ref().filter(|_| handle.writable) else { return Ok(()) };
+        let Some(state) = handle.write_state() else { return Ok(()) };
+        let inode = self.inode(handle.ino)?;
+        self.end_writing(&inode, &state).await
+    }
+
+    /// The file's write state, created (from S3, or empty to truncate) when needed, with one
+    /// more writer. Every writer ends with [`S3Fs::end_writing`].
+    async fn begin_writing(&self, inode: &Inode, truncate: bool) -> Result<Arc<OpenState>, FsError> {
+        let state = self.open_state(inode, truncate).await?;
+        state.add_writer();
+        if truncate && state.size() != 0 {
+            // Another writer's state was picked up after the truncate (a race with its open).
+            if let Err(e) = state.truncate(&self.writes, &self.inodes.key(inode), 0).await {
+                self.end_writing(inode, &state).await?;
+                return Err(e);
+            }
+        }
+        Ok(state)
+    }
+
+    /// One writer is done: the last commits the file and detaches the state from the inode.
+    /// Readers still holding the state keep reading it; its resources go with the last of them.
+    async fn end_writing(&self, inode: &Inode, state: &Arc<OpenState>) -> Result<(), FsError> {
         if !state.remove_writer() {
             return Ok(());
         }
-        let inode = self.inode(handle.ino)?;
-        let result = self.commit(&inode, state).await;
+        let result = self.commit(inode, state).await;
         if state.writers() == 0 {
             let mut slot = inode.open.lock().unwrap();
             if slot.as_ref().is_some_and(|s| Arc::ptr_eq(s, state)) {
                 *slot = None;
+                if state.is_unlinked() {
+                    // Never committed; readers still holding it see its size from here.
+                    let mut stat = inode.stat();
+                    (stat.size, stat.mtime) = (state.size(), state.mtime());
+                    inode.set_stat(stat);
+                }
             }
         }
-        state.discard(&self.writes).await;
         result
     }
 
@@ -793,22 +891,20 @@ impl<S: ObjectStore> S3Fs<S> {
             if inode.kind == Kind::Dir {
                 return Err(FsError::IsDir);
             }
-            let from_handle = fh.and_then(|fh| self.handle(fh).ok()).and_then(|h| h.state.clone());
+            if size > write::MAX_OBJECT_SIZE {
+                return Err(FsError::TooBig);
+            }
+            let from_handle = fh.and_then(|fh| self.handle(fh).ok()).and_then(|h| h.write_state());
             let existing = from_handle.or_else(|| inode.open_state());
             let key = self.inodes.key(&inode);
             match existing {
                 Some(state) => state.truncate(&self.writes, &key, size).await?,
                 None => {
-                    // No open file: truncate and commit right away.
-                    let state = self.open_state(&inode, size == 0).await?;
-                    let r = async {
-                        state.truncate(&self.writes, &key, size).await?;
-                        self.commit(&inode, &state).await
-                    }
-                    .await;
-                    *inode.open.lock().unwrap() = None;
-                    state.discard(&self.writes).await;
-                    r?;
+                    // No open file: a writer that truncates and closes (commits) at once.
+                    let state = self.begin_writing(&inode, false).await?;
+                    let truncated = state.truncate(&self.writes, &key, size).await;
+                    let closed = self.end_writing(&inode, &state).await;
+                    truncated.and(closed)?;
                 }
             }
         }
@@ -908,44 +1004,7 @@ impl<S: ObjectStore> S3Fs<S> {
         dest: &str,
         metadata: Option<&UserMetadata>,
     ) -> Result<crate::s3::Copied, FsError> {
-        if size <= self.copy_object_max {
-            return Ok(self.store.copy_object(src, dest, metadata).await?);
-        }
-        let metadata = match metadata {
-            Some(m) => m.clone(),
-            None => self.store.head_object(&src.key).await?.user_metadata.unwrap_or_default(),
-        };
-        let id = self.store.create_multipart_upload(dest, &metadata).await?;
-        let part_size = COPY_PART_SIZE.min(self.copy_object_max).max(size.div_ceil(10_000));
-        let mut parts = Vec::new();
-        let mut result = Ok(());
-        let mut start = 0;
-        while start < size {
-            let end = (start + part_size).min(size);
-            let number = parts.len() as i32 + 1;
-            match self.store.upload_part_copy(dest, &id, number, src, start..end).await {
-                Ok(etag) => parts.push(CompletedPart { number, etag }),
-                Err(e) => {
-                    result = Err(e);
-                    break;
-                }
-            }
-            start = end;
-        }
-        let result = match result {
-            Ok(()) => self.store.complete_multipart_upload(dest, &id, parts).await,
-            Err(e) => Err(e),
-        };
-        match result {
-            // A multipart copy gets a new ETag of its own; its time is not reported.
-            Ok(etag) => Ok(crate::s3::Copied { etag, last_modified: None }),
-            Err(e) => {
-                if let Err(abort) = self.store.abort_multipart_upload(dest, &id).await {
-                    tracing::warn!(key = dest, error = %abort, "cannot abort multipart copy");
-                }
-                Err(e.into())
-            }
-        }
+        write::copy_any(&self.writes, src, size, dest, metadata, self.copy_object_max, COPY_PART_SIZE).await
     }
 
     pub async fn mkdir(&self, caller: Caller, parent: u64, name: &str, mode: u16) -> Result<Attr, FsError> {
@@ -1103,10 +1162,22 @@ impl<S: ObjectStore> S3Fs<S> {
                 self.records.delete(&key).await?;
                 self.store.delete_object(&key).await?;
             }
-            {
+            // Files open for writing under it commit first (as a file rename does), so the
+            // copies carry what they hold; afterwards they write on under the new keys.
+            let open = self.open_files_under(&old_prefix);
+            for (inode, state) in &open {
+                self.commit(inode, state).await?;
+            }
+            let moved = {
                 let _no_flush = self.records.exclusive().await;
                 self.records.forget_dir(&old_prefix);
-                self.rename_dir(&old_prefix, &new_prefix).await?;
+                self.rename_dir(&old_prefix, &new_prefix).await?
+            };
+            for (_, state) in &open {
+                let Some(old_key) = state.source_key().await else { continue };
+                if let Some(copy) = moved.get(&old_key) {
+                    state.rebase(copy.clone()).await;
+                }
             }
             self.note_entry(parent, name, Kind::Dir, None);
             self.note_entry(newparent, newname, Kind::Dir, Self::dir_entry(&src.stat().attrs));
@@ -1140,7 +1211,14 @@ impl<S: ObjectStore> S3Fs<S> {
 
     /// Copies every key under `old` to `new`, then deletes the originals; bounded concurrency.
     /// A crash in the middle leaves both trees, each complete up to the failure, never a lost key.
-    async fn rename_dir(&self, old: &str, new: &str) -> Result<(), FsError> {
+    /// Files under the directory key `prefix` with write state not unlinked.
+    fn open_files_under(&self, prefix: &str) -> Vec<(Arc<Inode>, Arc<OpenState>)> {
+        let mut open = self.inodes.with_open_state();
+        open.retain(|(inode, state)| !state.is_unlinked() && self.inodes.key(inode).starts_with(prefix));
+        open
+    }
+
+    async fn rename_dir(&self, old: &str, new: &str) -> Result<write::Moved, FsError> {
         let mut keys = Vec::new();
         let mut token = None;
         loop {
@@ -1159,12 +1237,20 @@ impl<S: ObjectStore> S3Fs<S> {
             let dest = format!("{new}{}", &meta.key[old.len()..]);
             copies.push(async move {
                 let _permit = gate.acquire().await.expect("never closed");
-                this.copy_any(&ObjectId::from_meta(meta), meta.size, &dest, None).await
+                let copied = this.copy_any(&ObjectId::from_meta(meta), meta.size, &dest, None).await?;
+                let id = if copied.etag.is_empty() {
+                    ObjectId::from_meta(&this.store.head_object(&dest).await?)
+                } else {
+                    ObjectId { key: dest, version: copied.etag, has_etag: true }
+                };
+                Ok::<_, FsError>((meta.key.clone(), id))
             });
         }
         use futures::StreamExt;
+        let mut moved = write::Moved::new();
         while let Some(r) = copies.next().await {
-            r?;
+            let (old_key, id) = r?;
+            moved.insert(old_key, id);
         }
         drop(copies);
         let mut deletes = futures::stream::FuturesUnordered::new();
@@ -1178,7 +1264,7 @@ impl<S: ObjectStore> S3Fs<S> {
         while let Some(r) = deletes.next().await {
             r?;
         }
-        Ok(())
+        Ok(moved)
     }
 
     /// Lists a directory completely (all pages) and snapshots it for `readdir`.
@@ -1592,7 +1678,7 @@ mod tests {
         let store = Arc::new(FakeStore::new("b"));
         store.put("f", pattern(100, 0));
         let mut fs = fs_with(Arc::clone(&store), "", Duration::from_secs(60));
-        fs.writes.staging = write::Staging::new(tempfile::tempdir().unwrap().keep(), 1000).unwrap();
+        fs.writes.staging = write::Staging::new(tempfile::tempdir().unwrap().keep(), 1000).unwrap().into();
         let f = fs.lookup(ROOT_INO, "f").await.unwrap();
         let fh = fs.open(f.ino, libc::O_RDWR).await.unwrap();
         fs.write(fh, 0, &[1; 900]).await.unwrap();
@@ -1919,5 +2005,37 @@ mod tests {
         assert_eq!(store.keys(), ["b"]);
         assert_eq!(&store.data("b").unwrap()[..], b"hello there");
         assert_eq!(fs.getattr(attr.ino).await.unwrap().size, 11);
+    }
+
+    /// A truncate by path (no handle) on a closed file, and a writer opening the file while
+    /// that truncate commits, share one write state: the truncate must neither detach the
+    /// writer's state from the inode nor drop what the writer wrote.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_truncate_by_path_and_a_concurrent_writer_share_one_state() {
+        let store = Arc::new(FakeStore::new("b"));
+        store.put("f", &b"0123456789"[..]);
+        let fs = Arc::new(fs_with(Arc::clone(&store), "", Duration::from_secs(60)));
+        let ino = fs.lookup(ROOT_INO, "f").await.unwrap().ino;
+        store.put_delay_ms.store(300, Ordering::Relaxed);
+        let truncating = {
+            let fs = Arc::clone(&fs);
+            tokio::spawn(
+                async move { fs.setattr(ROOT, ino, None, SetAttr { size: Some(4), ..Default::default() }).await },
+            )
+        };
+        // The truncate is committing (its PUT takes 300 ms) when the writer opens and writes.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let w = fs.open(ino, libc::O_WRONLY).await.unwrap();
+        fs.write(w, 4, b"XY").await.unwrap();
+        truncating.await.unwrap().unwrap();
+        store.put_delay_ms.store(0, Ordering::Relaxed);
+        // A second writer while the first is open: the same state, so it sees the first's bytes.
+        let a = fs.open(ino, libc::O_WRONLY | libc::O_APPEND).await.unwrap();
+        assert_eq!(fs.getattr(ino).await.unwrap().size, 6);
+        fs.write(a, 6, b"Z").await.unwrap();
+        fs.release(w).await.unwrap();
+        fs.release(a).await.unwrap();
+        assert_eq!(&store.data("f").unwrap()[..], b"0123XYZ");
+        assert!(fs.inode(ino).unwrap().open_state().is_none(), "no state left after the last writer");
     }
 }

@@ -56,6 +56,8 @@ pub struct FakeStore {
     pub fail_gets: AtomicUsize,
     /// The next this-many uploads (PUT, part, complete) fail with a 503.
     pub fail_puts: AtomicUsize,
+    /// PUTs wait this many milliseconds before storing (to widen races in tests).
+    pub put_delay_ms: AtomicU64,
     /// Parts uploaded (by data or by copy).
     pub parts_uploaded: AtomicUsize,
     /// Parts copied server-side.
@@ -263,6 +265,10 @@ impl ObjectStore for FakeStore {
 
     async fn put_object(&self, key: &str, body: Bytes, metadata: &UserMetadata) -> Result<String, S3Error> {
         self.injected_put_failure("PutObject")?;
+        let delay = self.put_delay_ms.load(Ordering::Relaxed);
+        if delay > 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(delay)).await;
+        }
         Ok(self.store(key, body, metadata.clone()))
     }
 
