@@ -13,7 +13,8 @@
 
 use std::time::{Duration, SystemTime};
 
-use crate::s3::UserMetadata;
+use super::inode::{Kind, Stat};
+use crate::s3::{ObjectMeta, UserMetadata};
 
 /// User-metadata names (after `x-amz-meta-`) where file attributes persist.
 pub const META_MODE: &str = "s3csi-mode";
@@ -135,6 +136,28 @@ pub fn format_time(t: SystemTime) -> String {
             let d = before.duration();
             format!("-{}.{:09}", d.as_secs(), d.subsec_nanos())
         }
+    }
+}
+
+/// What S3 says about an object: from a HEAD (with metadata) or a listing (without). The mtime
+/// is the stored one when there is one, else S3's Last-Modified.
+pub(crate) fn stat_from_meta(meta: &ObjectMeta) -> Stat {
+    let mut stat = Stat::new(meta.size, meta.last_modified);
+    stat.etag = meta.etag.clone();
+    if let Some(m) = &meta.user_metadata {
+        stat.from_head = true;
+        stat.attrs = StoredAttrs::decode(m);
+        if let Some(t) = stat.attrs.mtime {
+            stat.mtime = t;
+        }
+    }
+    stat
+}
+
+pub(crate) fn kind_from_meta(meta: &ObjectMeta) -> Kind {
+    match meta.user_metadata.as_ref().and_then(|m| m.get(META_TYPE)) {
+        Some(t) if t == TYPE_SYMLINK => Kind::Symlink,
+        _ => Kind::File,
     }
 }
 

@@ -163,6 +163,12 @@ impl InodeTable {
             .collect()
     }
 
+    /// Whether `inode` still has its name (it was not unlinked or replaced here).
+    pub fn is_linked(&self, inode: &Inode) -> bool {
+        let loc = inode.loc.lock().unwrap().clone();
+        self.tables.lock().unwrap().by_name.get(&loc) == Some(&inode.ino)
+    }
+
     /// Every inode with write state (files open for writing, or changed and not yet committed).
     pub fn with_open_state(&self) -> Vec<(Arc<Inode>, Arc<OpenState>)> {
         let t = self.tables.lock().unwrap();

@@ -8,32 +8,56 @@
 //! - Names that cannot be files are skipped in listings and are ENOENT on lookup: empty
 //!   segments (`a//b`), `.`, `..`, names longer than 255 bytes, names containing NUL.
 //! - Metadata is cached for `metadata_ttl`; `open` always asks S3 for the current object.
+//!
+//! Layout: `namespace` (lookup, listing, mkdir, symlink, unlink, rmdir, rename), `handles`
+//! (open files: one enum for what a handle reads, the writer lifecycle), `setattr` (attribute
+//! changes), [`attrs`] (the attribute codec), [`write`] (the write state machine), [`prefetch`]
+//! (reads from S3), [`inode`] (inode numbers and keys), [`records`] (directory attribute records).
+//!
+//! Lock order (locks further down the list are taken while holding ones above, never the other
+//! way round):
+//! 1. `OpenState::file` (a tokio mutex, the only lock held across an `await`: it serializes a
+//!    file's writes, truncates and commits; while holding it only the state's own `mtime` lock
+//!    is taken, never an inode's or a handle's).
+//! 2. `FileHandle::source`, then the inode's `open` slot (a read picks up the file's current
+//!    write state).
+//! 3. `InodeTable::tables`, then an inode's `loc`, `lookups` or `open` (forget, key, rename).
+//! 4. Leaves, taken alone and released at once: an inode's `stat`, `S3Fs::files`/`dirs`,
+//!    `FileHandle::pattern`, `OpenState`'s `mtime`.
+//!
+//! Every std mutex is released before any `await`.
 
 pub mod attrs;
 pub mod error;
 pub mod fuse;
+mod handles;
 pub mod inode;
+mod namespace;
 pub mod prefetch;
 pub mod records;
+mod setattr;
 pub mod write;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
-use tokio::sync::Semaphore;
 
 pub use error::FsError;
-use inode::{Inode, InodeTable, Kind, ROOT_INO, Stat};
-use prefetch::{Access, Fetcher, ReadPattern};
-use records::{DirRecord, RecordEntry, Records, dir_entry_name};
-use write::{OpenState, WriteCtx};
+use handles::FileHandle;
+pub use handles::ReadPlan;
+use inode::{Inode, InodeTable, Kind, Stat};
+use namespace::DirHandle;
+pub use namespace::{RESERVED_NAME, valid_name};
+use prefetch::Fetcher;
+use records::{RecordEntry, Records, dir_entry_name};
+use write::WriteCtx;
 
-use crate::cache::{BlockCache, BlockKey};
+use crate::cache::BlockCache;
 use crate::config::FsConfig;
-use crate::s3::{ObjectId, ObjectMeta, ObjectStore, S3Error, UserMetadata};
+use crate::s3::{ObjectStore, UserMetadata};
 
 /// Longest file name Linux accepts.
 const NAME_MAX: usize = 255;
@@ -52,7 +76,6 @@ const COPY_PART_SIZE: u64 = 512 << 20;
 /// Objects copied or deleted at once when renaming a directory.
 const RENAME_CONCURRENCY: usize = 16;
 
-use attrs::TYPE_SYMLINK;
 pub use attrs::{META_ATIME, META_GID, META_MODE, META_MTIME, META_TYPE, META_UID, StoredAttrs};
 
 /// Attributes of one inode, as reported to the kernel.
@@ -123,74 +146,6 @@ pub struct SetAttr {
     pub atime: Option<SystemTime>,
 }
 
-/// What an open file handle reads from.
-enum HandleSource {
-    /// One object version (a read-only open while nobody here was writing the file).
-    Object(Arc<ObjectId>, u64),
-    /// The file's write state: a writer's own, or one a reader shares.
-    State(Arc<OpenState>),
-}
-
-struct FileHandle {
-    ino: u64,
-    writable: bool,
-    source: Mutex<HandleSource>,
-    pattern: Mutex<ReadPattern>,
-}
-
-impl FileHandle {
-    fn new(ino: u64, writable: bool, source: HandleSource) -> Self {
-        FileHandle { ino, writable, source: Mutex::new(source), pattern: Mutex::new(ReadPattern::new()) }
-    }
-
-    /// The write state a read goes through, as on a local filesystem: the file's current one
-    /// (so a reader sees what this mount wrote, and a read never shrinks the size the kernel
-    /// believes), else the one this handle shares; `None` to read the handle's object.
-    fn read_state(&self, inode: &Inode) -> Option<Arc<OpenState>> {
-        let mut source = self.source.lock().unwrap();
-        if let HandleSource::State(own) = &*source
-            && (own.is_unlinked() || self.writable)
-        {
-            // The file it opened is gone (or replaced): it keeps reading that one.
-            return Some(Arc::clone(own));
-        }
-        match (inode.open_state(), &*source) {
-            (Some(current), _) => {
-                *source = HandleSource::State(Arc::clone(&current));
-                Some(current)
-            }
-            (None, HandleSource::State(own)) => Some(Arc::clone(own)),
-            (None, HandleSource::Object(..)) => None,
-        }
-    }
-
-    /// The write state of a writable handle.
-    fn write_state(&self) -> Option<Arc<OpenState>> {
-        match &*self.source.lock().unwrap() {
-            HandleSource::State(s) if self.writable => Some(Arc::clone(s)),
-            _ => None,
-        }
-    }
-
-    fn object(&self) -> Option<(Arc<ObjectId>, u64)> {
-        match &*self.source.lock().unwrap() {
-            HandleSource::Object(o, size) => Some((Arc::clone(o), *size)),
-            HandleSource::State(_) => None,
-        }
-    }
-}
-
-/// How one read will be served, decided in kernel order (see [`S3Fs::plan_read`]): the handle
-/// it was planned with and, for a read of an object, how to fetch it.
-pub struct ReadPlan {
-    handle: Option<Arc<FileHandle>>,
-    access: Option<Access>,
-}
-
-struct DirHandle {
-    entries: Vec<DirEntry>,
-}
-
 /// The filesystem over one bucket (or prefix).
 pub struct S3Fs<S> {
     store: Arc<S>,
@@ -221,49 +176,12 @@ impl<S> Drop for S3Fs<S> {
     }
 }
 
-/// Name of the marker object the CSI controller writes at the root of each volume it creates
-/// (see `csi::volume`). It is hidden from every listing and cannot be looked up or created.
-pub const RESERVED_NAME: &str = ".s3csi-volume";
-
 /// A random number for probe object names (not security relevant).
 fn rand_u64() -> u64 {
     use std::hash::{BuildHasher, Hasher};
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
     h.write_u128(SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_nanos());
     h.finish()
-}
-
-/// Whether `name` can be a file name; keys whose segment fails this are not shown.
-pub fn valid_name(name: &str) -> bool {
-    !name.is_empty()
-        && name != "."
-        && name != ".."
-        && name != RESERVED_NAME
-        && name != records::RECORD_NAME
-        && name.len() <= NAME_MAX
-        && !name.contains(['/', '\0'])
-}
-
-/// What S3 says about an object: from a HEAD (with metadata) or a listing (without). The mtime
-/// is the stored one when there is one, else S3's Last-Modified.
-fn stat_from_meta(meta: &ObjectMeta) -> Stat {
-    let mut stat = Stat::new(meta.size, meta.last_modified);
-    stat.etag = meta.etag.clone();
-    if let Some(m) = &meta.user_metadata {
-        stat.from_head = true;
-        stat.attrs = StoredAttrs::decode(m);
-        if let Some(t) = stat.attrs.mtime {
-            stat.mtime = t;
-        }
-    }
-    stat
-}
-
-fn kind_from_meta(meta: &ObjectMeta) -> Kind {
-    match meta.user_metadata.as_ref().and_then(|m| m.get(META_TYPE)) {
-        Some(t) if t == TYPE_SYMLINK => Kind::Symlink,
-        _ => Kind::File,
-    }
 }
 
 impl<S: ObjectStore> S3Fs<S> {
@@ -427,973 +345,6 @@ impl<S: ObjectStore> S3Fs<S> {
         if self.config.read_only { Err(FsError::ReadOnly) } else { Ok(()) }
     }
 
-    fn check_new_name(&self, dir: &Inode, name: &str) -> Result<String, FsError> {
-        if name.len() > NAME_MAX {
-            return Err(FsError::NameTooLong);
-        }
-        if !valid_name(name) {
-            return Err(FsError::Invalid(
-                "names must not be empty, '.', '..', the reserved .s3csi-volume, or contain '/'",
-            ));
-        }
-        let key = format!("{}{name}/", self.inodes.key(dir));
-        if key.len() > KEY_MAX {
-            return Err(FsError::NameTooLong);
-        }
-        Ok(key[..key.len() - 1].to_owned())
-    }
-
-    /// A directory without stored attributes (implied by keys under it, or a marker written by
-    /// another client): its mtime is the mount's start time, stable for the life of the mount.
-    fn dir_stat(&self) -> Stat {
-        Stat::new(0, self.started)
-    }
-
-    /// Asks S3 what `dir_key + name` is: a directory (wins), a file or symlink, or nothing.
-    async fn probe(&self, dir_key: &str, name: &str) -> Result<Option<(Kind, Stat)>, FsError> {
-        let file_key = format!("{dir_key}{name}");
-        let dir_prefix = format!("{file_key}/");
-        // Both requests run at once; when the listing shows a directory, the HEAD is not awaited
-        // (some servers answer HEAD on a "directory" key slowly or with a retried 5xx).
-        let head_fut = self.store.head_object(&file_key);
-        let list_fut = self.store.list_page(&dir_prefix, Some("/"), None, Some(1));
-        tokio::pin!(head_fut, list_fut);
-        let mut head_early = None;
-        let list = loop {
-            tokio::select! {
-                l = &mut list_fut => break l?,
-                h = &mut head_fut, if head_early.is_none() => head_early = Some(h),
-            }
-        };
-        if !list.objects.is_empty() || !list.common_prefixes.is_empty() {
-            let mut stat = self.dir_stat();
-            // S3 has been asked: what it said about the attributes is settled for the TTL.
-            stat.from_head = true;
-            if let Some(marker) = list.objects.iter().find(|o| o.key == dir_prefix)
-                && let Ok(meta) = self.store.head_object(&marker.key).await
-            {
-                // A marker's Last-Modified is as stable as a stored mtime.
-                let m = stat_from_meta(&meta);
-                (stat.attrs, stat.mtime) = (m.attrs, m.mtime);
-            }
-            return Ok(Some((Kind::Dir, stat)));
-        }
-        let head = match head_early {
-            Some(h) => h,
-            None => head_fut.await,
-        };
-        match head {
-            Ok(meta) => Ok(Some((kind_from_meta(&meta), stat_from_meta(&meta)))),
-            Err(S3Error::NotFound(_)) => Ok(None),
-            Err(e) => Err(e.into()),
-        }
-    }
-
-    /// Finds `parent/name`: from memory when fresh (or being written), otherwise from S3.
-    async fn resolve(&self, dir: &Arc<Inode>, name: &str, lookup: bool) -> Result<Arc<Inode>, FsError> {
-        if !valid_name(name) {
-            return Err(FsError::NotFound);
-        }
-        let existing = self.inodes.child(dir.ino, name);
-        if let Some(child) = &existing {
-            let stat = child.stat();
-            let pending = child.open_state().is_some_and(|s| s.is_pending());
-            let local = child.local_dir.load(Ordering::Relaxed);
-            if pending || local || (self.fresh(&stat) && stat.from_head) {
-                return Ok(self.inodes.upsert(dir, name, child.kind, stat, lookup));
-            }
-            if self.fresh(&stat) && child.kind == Kind::File {
-                // Known from a listing: one HEAD for the metadata kept in the object.
-                if let Ok(meta) = self.store.head_object(&self.inodes.key(child)).await {
-                    let fresh = stat_from_meta(&meta);
-                    // Not in the directory's record: add it, so the next listing needs no HEAD.
-                    if let Some(etag) = &fresh.etag {
-                        self.records.note(
-                            &self.inodes.key(dir),
-                            name,
-                            Self::file_entry(etag, fresh.size, &fresh.attrs, None),
-                        );
-                    }
-                    return Ok(self.inodes.upsert(dir, name, kind_from_meta(&meta), fresh, lookup));
-                }
-            }
-        }
-        let known_dir = existing.filter(|c| c.kind == Kind::Dir).map(|c| c.stat());
-        // A directory listed in a directory whose record lacks it: record what the probe finds.
-        let unrecorded_dir = known_dir.as_ref().is_some_and(|stat| self.fresh(stat) && !stat.from_head);
-        match self.probe(&self.inodes.key(dir), name).await? {
-            Some((kind, mut stat)) => {
-                // A directory without a marker (a server that cannot keep one) keeps what the
-                // record said of it, instead of falling back to the defaults.
-                if let Some(known) = known_dir.filter(|_| kind == Kind::Dir && stat.attrs == StoredAttrs::default()) {
-                    (stat.attrs, stat.mtime) = (known.attrs, known.mtime);
-                }
-                if unrecorded_dir && kind == Kind::Dir {
-                    self.records.note(&self.inodes.key(dir), &dir_entry_name(name), Self::dir_entry(&stat.attrs));
-                }
-                Ok(self.inodes.upsert(dir, name, kind, stat, lookup))
-            }
-            None => {
-                self.inodes.unlink_name(dir.ino, name);
-                Err(FsError::NotFound)
-            }
-        }
-    }
-
-    pub async fn lookup(&self, parent: u64, name: &str) -> Result<Attr, FsError> {
-        let dir = self.dir_inode(parent)?;
-        let inode = self.resolve(&dir, name, true).await?;
-        Ok(self.attr(&inode))
-    }
-
-    pub fn forget(&self, ino: u64, nlookup: u64) {
-        self.inodes.forget(ino, nlookup);
-    }
-
-    pub async fn getattr(&self, ino: u64) -> Result<Attr, FsError> {
-        let inode = self.inode(ino)?;
-        if inode.kind != Kind::Dir && inode.open_state().is_none() && !self.fresh(&inode.stat()) {
-            match self.store.head_object(&self.inodes.key(&inode)).await {
-                Ok(meta) => self.refresh(&inode, &meta),
-                Err(S3Error::NotFound(_)) => {
-                    self.inodes.unlink_name(inode.parent(), &inode.name());
-                    return Err(FsError::NotFound);
-                }
-                Err(e) => return Err(e.into()),
-            }
-        }
-        Ok(self.attr(&inode))
-    }
-
-    fn new_handle(&self, handle: FileHandle) -> u64 {
-        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-        self.files.lock().unwrap().insert(fh, Arc::new(handle));
-        fh
-    }
-
-    fn handle(&self, fh: u64) -> Result<Arc<FileHandle>, FsError> {
-        self.files.lock().unwrap().get(&fh).cloned().ok_or(FsError::BadHandle)
-    }
-
-    /// HEADs the object behind `inode`, refreshing its stat.
-    async fn head(&self, inode: &Inode) -> Result<ObjectMeta, FsError> {
-        match self.store.head_object(&self.inodes.key(inode)).await {
-            Ok(meta) => {
-                self.refresh(inode, &meta);
-                Ok(meta)
-            }
-            Err(S3Error::NotFound(_)) => {
-                self.inodes.unlink_name(inode.parent(), &inode.name());
-                Err(FsError::NotFound)
-            }
-            Err(e) => Err(e.into()),
-        }
-    }
-
-    /// The current object behind `inode`, for a read-only open. An object small enough to be
-    /// one cache block (by the size known so far) is fetched whole by a GET that also returns
-    /// its metadata: one round trip instead of a HEAD and a GET, and the read that follows is a
-    /// cache hit. Larger ones, whose reads may never touch the start, get a HEAD.
-    async fn fetch_for_open(&self, inode: &Inode) -> Result<ObjectMeta, FsError> {
-        let known = inode.stat().size;
-        if known == 0 || known > prefetch::BLOCK_SIZE {
-            return self.head(inode).await;
-        }
-        match self.store.get_object_start(&self.inodes.key(inode), prefetch::BLOCK_SIZE).await {
-            Ok(start) => {
-                self.refresh(inode, &start.meta);
-                if start.data.len() as u64 == prefetch::block_len(0, start.meta.size) && !start.data.is_empty() {
-                    let object = Arc::new(ObjectId::from_meta(&start.meta));
-                    self.fetcher.cache().insert(BlockKey { object, index: 0 }, start.data);
-                }
-                Ok(start.meta)
-            }
-            Err(S3Error::NotFound(_)) => {
-                self.inodes.unlink_name(inode.parent(), &inode.name());
-                Err(FsError::NotFound)
-            }
-            // The body broke off or stalled: a HEAD (retried by the SDK) still opens the file,
-            // and its read goes through the fetcher, which retries too.
-            Err(e) if e.is_transient() => {
-                tracing::debug!(key = %self.inodes.key(inode), error = %e, "GET at open failed; opening with a HEAD");
-                self.head(inode).await
-            }
-            Err(e) => Err(e.into()),
-        }
-    }
-
-    /// Takes what a HEAD said about `inode`. When the attributes believed so far (from a
-    /// listing and its directory record) turn out wrong for the same object, the record was
-    /// stale (identical bytes rewritten by another client, or a lost record update): correct it,
-    /// with the object's Last-Modified so the entry is checked strictly from now on.
-    fn refresh(&self, inode: &Inode, meta: &ObjectMeta) {
-        let fresh = stat_from_meta(meta);
-        let old = inode.stat();
-        if old.from_head
-            && old.etag == fresh.etag
-            && old.attrs.ours() != fresh.attrs.ours()
-            && let Some(etag) = &fresh.etag
-        {
-            tracing::debug!(key = %meta.key, "directory record was stale for this object; correcting it");
-            let entry = Self::file_entry(etag, fresh.size, &fresh.attrs, Some(meta.last_modified));
-            self.note_entry(inode.parent(), &inode.name(), inode.kind, entry);
-        }
-        inode.set_stat(fresh);
-    }
-
-    /// The write state of a file, creating it from S3 (or empty, for `truncate`) when needed.
-    async fn open_state(&self, inode: &Inode, truncate: bool) -> Result<Arc<OpenState>, FsError> {
-        if let Some(state) = inode.open_state() {
-            if truncate {
-                state.truncate(&self.writes, &self.inodes.key(inode), 0).await?;
-            }
-            return Ok(state);
-        }
-        let state = if truncate {
-            OpenState::new_empty(inode.stat().attrs, false)
-        } else {
-            let meta = self.head(inode).await?;
-            let stat = stat_from_meta(&meta);
-            OpenState::from_object(
-                &self.writes,
-                Arc::new(ObjectId::from_meta(&meta)),
-                meta.size,
-                stat.attrs,
-                stat.mtime,
-            )
-        };
-        let mut slot = inode.open.lock().unwrap();
-        Ok(Arc::clone(slot.get_or_insert(state)))
-    }
-
-    /// Owner, group and mode of a new entry, as a local filesystem sets them: the caller owns
-    /// it; its group is the parent's when the parent is set-group-ID, else the volume's group
-    /// when one is forced (`--gid`, a pod's fsGroup), else the caller's; its mode is the
-    /// requested mode (the kernel's umask already applied), and a new directory inherits the
-    /// parent's set-group-ID bit. All three are stored with the object.
-    fn set_new_owner(&self, stat: &mut Stat, caller: Caller, parent: &Inode, kind: Kind, mode: u16) {
-        let own = &self.config.ownership;
-        let parent = self.attr(parent);
-        let gid = if parent.perm & S_ISGID != 0 {
-            parent.gid
-        } else if own.group_forced {
-            own.gid
-        } else {
-            caller.gid
-        };
-        let mut mode = mode & 0o7777;
-        if kind == Kind::Dir && parent.perm & S_ISGID != 0 {
-            mode |= S_ISGID;
-        }
-        stat.attrs.uid = Some(caller.uid);
-        stat.attrs.gid = Some(gid);
-        stat.attrs.mode = Some(mode);
-        stat.attrs.symlink = kind == Kind::Symlink;
-        // Stored with the object, so the mtime never changes by itself (S3's Last-Modified has
-        // whole seconds and is the upload's time, not the mount's).
-        stat.attrs.mtime = Some(stat.mtime);
-    }
-
-    /// Opens a file. Read-only opens always ask S3 for the current object, so a reopened file
-    /// never serves an old version; opens for writing share the file's write state.
-    pub async fn open(&self, ino: u64, flags: i32) -> Result<u64, FsError> {
-        let inode = self.inode(ino)?;
-        if inode.kind == Kind::Dir {
-            return Err(FsError::IsDir);
-        }
-        let writable = flags & libc::O_ACCMODE != libc::O_RDONLY;
-        let truncate = flags & libc::O_TRUNC != 0;
-        if !writable && !truncate {
-            if let Some(state) = inode.open_state() {
-                return Ok(self.new_handle(FileHandle::new(ino, false, HandleSource::State(state))));
-            }
-            let meta = self.fetch_for_open(&inode).await?;
-            let object = HandleSource::Object(Arc::new(ObjectId::from_meta(&meta)), meta.size);
-            return Ok(self.new_handle(FileHandle::new(ino, false, object)));
-        }
-        self.check_writable()?;
-        if !writable {
-            // O_RDONLY|O_TRUNC: truncates like a writer that closes at once.
-            let state = self.begin_writing(&inode, true).await?;
-            self.end_writing(&inode, &state).await?;
-            return Ok(self.new_handle(FileHandle::new(ino, false, HandleSource::State(state))));
-        }
-        let state = self.begin_writing(&inode, truncate).await?;
-        Ok(self.new_handle(FileHandle::new(ino, true, HandleSource::State(state))))
-    }
-
-    /// Creates and opens a new file; it reaches S3 when first flushed or closed.
-    pub async fn create(
-        &self,
-        caller: Caller,
-        parent: u64,
-        name: &str,
-        mode: u16,
-        flags: i32,
-    ) -> Result<(Attr, u64), FsError> {
-        self.check_writable()?;
-        let dir = self.dir_inode(parent)?;
-        self.check_new_name(&dir, name)?;
-        if flags & libc::O_EXCL != 0 && self.resolve(&dir, name, false).await.is_ok() {
-            return Err(FsError::Exists);
-        }
-        let mut stat = Stat::new(0, SystemTime::now());
-        stat.from_head = true;
-        self.set_new_owner(&mut stat, caller, &dir, Kind::File, mode);
-        let inode = self.inodes.upsert(&dir, name, Kind::File, stat, true);
-        let state = OpenState::new_empty(inode.stat().attrs, true);
-        state.add_writer();
-        if let Some(old) = inode.open.lock().unwrap().replace(Arc::clone(&state)) {
-            old.mark_unlinked();
-        }
-        let fh = self.new_handle(FileHandle::new(inode.ino, true, HandleSource::State(state)));
-        Ok((self.attr(&inode), fh))
-    }
-
-    /// Reads up to `size` bytes at `offset`; short at end of file. Returns block slices.
-    pub async fn read(&self, fh: u64, offset: u64, size: u32) -> Result<Vec<Bytes>, FsError> {
-        let plan = self.plan_read(fh, offset, size);
-        self.read_planned(fh, offset, size, plan).await
-    }
-
-    /// Records a read in its handle's access pattern. Called in the order the kernel sent the
-    /// reads (on the FUSE thread), so concurrent tasks cannot reorder a sequential scan.
-    pub fn plan_read(&self, fh: u64, offset: u64, size: u32) -> ReadPlan {
-        let Ok(handle) = self.handle(fh) else { return ReadPlan { handle: None, access: None } };
-        let writing = self.inodes.get(handle.ino).is_some_and(|i| i.open_state().is_some());
-        let access = match handle.object().filter(|_| !writing) {
-            Some((_, obj_size)) => {
-                let end = offset.saturating_add(u64::from(size)).min(obj_size);
-                (offset < end).then(|| handle.pattern.lock().unwrap().on_read(offset, end - offset, &self.fetcher))
-            }
-            None => None,
-        };
-        tracing::trace!(offset, size, ?access, "read");
-        ReadPlan { handle: Some(handle), access }
-    }
-
-    /// Serves a read planned with [`S3Fs::plan_read`].
-    pub async fn read_planned(&self, fh: u64, offset: u64, size: u32, plan: ReadPlan) -> Result<Vec<Bytes>, FsError> {
-        let handle = match plan.handle {
-            Some(handle) => handle,
-            None => self.handle(fh)?,
-        };
-        let inode = self.inode(handle.ino)?;
-        if let Some(state) = handle.read_state(&inode) {
-            return state.read(&self.writes, &self.inodes.key(&inode), offset, u64::from(size)).await;
-        }
-        let Some((object, obj_size)) = handle.object() else { return Ok(Vec::new()) };
-        let end = offset.saturating_add(u64::from(size)).min(obj_size);
-        let access = match plan.access {
-            Some(access) => access,
-            // Planned while another handle was writing, which has since closed.
-            None => Access::Random,
-        };
-        if offset >= end {
-            return Ok(Vec::new());
-        }
-        Ok(self.fetcher.read(&object, obj_size, offset..end, access).await?)
-    }
-
-    pub async fn write(&self, fh: u64, offset: u64, data: &[u8]) -> Result<u32, FsError> {
-        let handle = self.handle(fh)?;
-        let state = handle.write_state().ok_or(FsError::BadHandle)?;
-        let inode = self.inode(handle.ino)?;
-        state.write(&self.writes, &self.inodes.key(&inode), offset, data).await?;
-        Ok(data.len() as u32)
-    }
-
-    /// Commits the file behind `fh` (close and fsync both call this).
-    pub async fn flush(&self, fh: u64) -> Result<(), FsError> {
-        let handle = self.handle(fh)?;
-        let inode = self.inode(handle.ino)?;
-        let state = match &*handle.source.lock().unwrap() {
-            HandleSource::State(s) => Arc::clone(s),
-            HandleSource::Object(..) => match inode.open_state() {
-                // Any descriptor's close commits what the file's writers wrote so far.
-                Some(s) => s,
-                None => return Ok(()),
-            },
-        };
-        self.commit(&inode, &state).await
-    }
-
-    async fn commit(&self, inode: &Inode, state: &OpenState) -> Result<(), FsError> {
-        let key = self.inodes.key(inode);
-        if let Some((object, attrs)) = state.commit(&self.writes, &key).await? {
-            let mut stat = inode.stat();
-            stat.size = state.size();
-            stat.etag = Some(object.version.clone());
-            stat.mtime = attrs.mtime.unwrap_or_else(|| state.mtime());
-            self.note_entry(
-                inode.parent(),
-                &inode.name(),
-                inode.kind,
-                Self::file_entry(&object.version, stat.size, &attrs, None),
-            );
-            stat.attrs = attrs;
-            stat.from_head = true;
-            stat.validated_at = Instant::now();
-            inode.set_stat(stat);
-        }
-        Ok(())
-    }
-
-    pub async fn release(&self, fh: u64) -> Result<(), FsError> {
-        let Some(handle) = self.files.lock().unwrap().remove(&fh) else { return Ok(()) };
-        let Some(state) = handle.write_state() else { return Ok(()) };
-        let inode = self.inode(handle.ino)?;
-        self.end_writing(&inode, &state).await
-    }
-
-    /// The file's write state, created (from S3, or empty to truncate) when needed, with one
-    /// more writer. Every writer ends with [`S3Fs::end_writing`].
-    async fn begin_writing(&self, inode: &Inode, truncate: bool) -> Result<Arc<OpenState>, FsError> {
-        let state = self.open_state(inode, truncate).await?;
-        state.add_writer();
-        if truncate && state.size() != 0 {
-            // Another writer's state was picked up after the truncate (a race with its open).
-            if let Err(e) = state.truncate(&self.writes, &self.inodes.key(inode), 0).await {
-                self.end_writing(inode, &state).await?;
-                return Err(e);
-            }
-        }
-        Ok(state)
-    }
-
-    /// One writer is done: the last commits the file and detaches the state from the inode.
-    /// Readers still holding the state keep reading it; its resources go with the last of them.
-    async fn end_writing(&self, inode: &Inode, state: &Arc<OpenState>) -> Result<(), FsError> {
-        if !state.remove_writer() {
-            return Ok(());
-        }
-        let result = self.commit(inode, state).await;
-        if state.writers() == 0 {
-            let mut slot = inode.open.lock().unwrap();
-            if slot.as_ref().is_some_and(|s| Arc::ptr_eq(s, state)) {
-                *slot = None;
-                if state.is_unlinked() {
-                    // Never committed; readers still holding it see its size from here.
-                    let mut stat = inode.stat();
-                    (stat.size, stat.mtime) = (state.size(), state.mtime());
-                    inode.set_stat(stat);
-                }
-            }
-        }
-        result
-    }
-
-    pub async fn setattr(&self, caller: Caller, ino: u64, fh: Option<u64>, changes: SetAttr) -> Result<Attr, FsError> {
-        self.check_writable()?;
-        let inode = self.inode(ino)?;
-        self.check_attr_change(caller, &inode, &changes)?;
-        if let Some(size) = changes.size {
-            if inode.kind == Kind::Dir {
-                return Err(FsError::IsDir);
-            }
-            if size > write::MAX_OBJECT_SIZE {
-                return Err(FsError::TooBig);
-            }
-            let from_handle = fh.and_then(|fh| self.handle(fh).ok()).and_then(|h| h.write_state());
-            let existing = from_handle.or_else(|| inode.open_state());
-            let key = self.inodes.key(&inode);
-            match existing {
-                Some(state) => state.truncate(&self.writes, &key, size).await?,
-                None => {
-                    // No open file: a writer that truncates and closes (commits) at once.
-                    let state = self.begin_writing(&inode, false).await?;
-                    let truncated = state.truncate(&self.writes, &key, size).await;
-                    let closed = self.end_writing(&inode, &state).await;
-                    truncated.and(closed)?;
-                }
-            }
-        }
-        let attrs_change =
-            changes.mode.is_some() || changes.uid.is_some() || changes.gid.is_some() || changes.mtime.is_some();
-        if attrs_change || changes.atime.is_some() {
-            self.store_attrs(&inode, &changes).await?;
-        }
-        Ok(self.attr(&inode))
-    }
-
-    /// Applies `chmod`/`chown`/`utimes` and stores the result, starting from everything stored,
-    /// so no other attribute changes: mode and owner changes keep the mtime; only `utimes`
-    /// sets it. The root's attributes live in memory (it has no object of its own); an open
-    /// file stores them with its next commit; a directory in its marker object; any other
-    /// object by copying it onto itself with the new metadata.
-    async fn store_attrs(&self, inode: &Inode, changes: &SetAttr) -> Result<(), FsError> {
-        let apply = |a: &mut StoredAttrs| {
-            if let Some(mode) = changes.mode {
-                a.mode = Some(mode & 0o7777);
-            }
-            a.uid = changes.uid.or(a.uid);
-            a.gid = changes.gid.or(a.gid);
-            a.atime = changes.atime.or(a.atime);
-        };
-        if inode.ino == ROOT_INO {
-            let mut stat = inode.stat();
-            apply(&mut stat.attrs);
-            stat.mtime = changes.mtime.unwrap_or(stat.mtime);
-            inode.set_stat(stat);
-            return Ok(());
-        }
-        if let Some(state) = inode.open_state() {
-            state.update_attrs(apply, changes.mtime).await;
-            let mut stat = inode.stat();
-            stat.attrs = state.attrs().await;
-            inode.set_stat(stat);
-            return Ok(());
-        }
-        let key = self.inodes.key(inode);
-        let (mut stat, source) = if inode.kind == Kind::Dir {
-            (inode.stat(), None)
-        } else {
-            // The current object: its metadata is the base, its ETag the copy source.
-            let meta = self.head(inode).await?;
-            (stat_from_meta(&meta), Some((ObjectId::from_meta(&meta), meta.size)))
-        };
-        apply(&mut stat.attrs);
-        stat.mtime = changes.mtime.unwrap_or(stat.mtime);
-        // Pin the mtime: the rewrite gives the object a new Last-Modified.
-        stat.attrs.mtime = Some(stat.mtime);
-        let metadata = stat.attrs.encode();
-        let entry = match source {
-            None => {
-                self.store.put_object(&key, Bytes::new(), &metadata).await?;
-                Self::dir_entry(&stat.attrs)
-            }
-            Some((object, size)) => {
-                let copied = self.copy_any(&object, size, &key, Some(&metadata)).await?;
-                stat.etag = Some(copied.etag.clone());
-                Self::file_entry(&copied.etag, size, &stat.attrs, copied.last_modified)
-            }
-        };
-        self.note_entry(inode.parent(), &inode.name(), inode.kind, entry);
-        stat.from_head = true;
-        stat.validated_at = Instant::now();
-        inode.set_stat(stat);
-        Ok(())
-    }
-
-    /// POSIX rules for `chmod`/`chown`/`utimes` (the kernel enforces them as well, since the
-    /// mount uses `default_permissions`): only root gives a file away; the owner (or root) may
-    /// change the mode, the group and set explicit times.
-    fn check_attr_change(&self, caller: Caller, inode: &Inode, changes: &SetAttr) -> Result<(), FsError> {
-        if caller.is_root() {
-            return Ok(());
-        }
-        let current = self.attr(inode);
-        let owner = caller.uid == current.uid;
-        if changes.uid.is_some_and(|uid| uid != current.uid) {
-            return Err(FsError::NotPermitted("only root may change a file's owner"));
-        }
-        // The kernel clears set-user-ID/set-group-ID on a write by another user (killpriv).
-        let only_clears_privs = changes.mode.is_some_and(|m| m == current.perm & !0o6000);
-        let mode_change = changes.mode.is_some() && !only_clears_privs;
-        if !owner && (mode_change || changes.gid.is_some_and(|g| g != current.gid)) {
-            return Err(FsError::NotPermitted("only the owner or root may change mode or group"));
-        }
-        Ok(())
-    }
-
-    /// Server-side copy of any size: CopyObject up to 5 GiB, a multipart copy above.
-    async fn copy_any(
-        &self,
-        src: &ObjectId,
-        size: u64,
-        dest: &str,
-        metadata: Option<&UserMetadata>,
-    ) -> Result<crate::s3::Copied, FsError> {
-        write::copy_any(&self.writes, src, size, dest, metadata, self.copy_object_max, COPY_PART_SIZE).await
-    }
-
-    pub async fn mkdir(&self, caller: Caller, parent: u64, name: &str, mode: u16) -> Result<Attr, FsError> {
-        self.check_writable()?;
-        let dir = self.dir_inode(parent)?;
-        let key = self.check_new_name(&dir, name)?;
-        if self.resolve(&dir, name, false).await.is_ok() {
-            return Err(FsError::Exists);
-        }
-        let mut stat = Stat::new(0, SystemTime::now());
-        stat.from_head = true;
-        self.set_new_owner(&mut stat, caller, &dir, Kind::Dir, mode);
-        let metadata = stat.attrs.encode();
-        let markers = self.markers.load(Ordering::Relaxed);
-        if markers {
-            self.store.put_object(&format!("{key}/"), Bytes::new(), &metadata).await?;
-        }
-        if markers {
-            self.note_entry(dir.ino, name, Kind::Dir, Self::dir_entry(&stat.attrs));
-        }
-        let inode = self.inodes.upsert(&dir, name, Kind::Dir, stat, true);
-        inode.local_dir.store(!markers, Ordering::Relaxed);
-        Ok(self.attr(&inode))
-    }
-
-    pub async fn symlink(&self, caller: Caller, parent: u64, name: &str, target: &str) -> Result<Attr, FsError> {
-        self.check_writable()?;
-        let dir = self.dir_inode(parent)?;
-        let key = self.check_new_name(&dir, name)?;
-        if self.resolve(&dir, name, false).await.is_ok() {
-            return Err(FsError::Exists);
-        }
-        let mut stat = Stat::new(target.len() as u64, SystemTime::now());
-        stat.from_head = true;
-        self.set_new_owner(&mut stat, caller, &dir, Kind::Symlink, 0o777);
-        let metadata = stat.attrs.encode();
-        let etag = self.store.put_object(&key, Bytes::copy_from_slice(target.as_bytes()), &metadata).await?;
-        self.note_entry(dir.ino, name, Kind::Symlink, Self::file_entry(&etag, stat.size, &stat.attrs, None));
-        stat.etag = Some(etag);
-        let inode = self.inodes.upsert(&dir, name, Kind::Symlink, stat, true);
-        Ok(self.attr(&inode))
-    }
-
-    pub async fn readlink(&self, ino: u64) -> Result<Bytes, FsError> {
-        let inode = self.inode(ino)?;
-        if inode.kind != Kind::Symlink {
-            return Err(FsError::Invalid("not a symbolic link"));
-        }
-        // A fresh stat names the exact object (ETag, size): read it without another HEAD. A
-        // target that changed since fails the ETag check and is asked for again.
-        let stat = inode.stat();
-        let key = self.inodes.key(&inode);
-        if let Some(etag) = stat.etag.as_ref().filter(|_| self.fresh(&stat) && stat.size > 0) {
-            let object = Arc::new(ObjectId { key, version: etag.clone(), has_etag: true });
-            match self.fetcher.read(&object, stat.size, 0..stat.size, Access::Random).await {
-                Ok(parts) => return Ok(parts.concat().into()),
-                Err(e) => tracing::debug!(error = %e, "symlink target changed; reading it again"),
-            }
-        }
-        let meta = self.head(&inode).await?;
-        let object = Arc::new(ObjectId::from_meta(&meta));
-        Ok(self.fetcher.read(&object, meta.size, 0..meta.size, Access::Random).await?.concat().into())
-    }
-
-    pub async fn unlink(&self, parent: u64, name: &str) -> Result<(), FsError> {
-        self.check_writable()?;
-        let dir = self.dir_inode(parent)?;
-        let inode = self.resolve(&dir, name, false).await?;
-        if inode.kind == Kind::Dir {
-            return Err(FsError::IsDir);
-        }
-        if let Some(state) = inode.open_state() {
-            state.mark_unlinked();
-        }
-        self.store.delete_object(&self.inodes.key(&inode)).await?;
-        self.note_entry(parent, name, inode.kind, None);
-        self.inodes.unlink_name(parent, name);
-        Ok(())
-    }
-
-    /// Whether a directory has any entry (in S3 or being written here).
-    async fn dir_has_entries(&self, dir: &Inode) -> Result<bool, FsError> {
-        if !self.inodes.pending_children(dir.ino).is_empty() {
-            return Ok(true);
-        }
-        let key = self.inodes.key(dir);
-        let record = format!("{key}{}", records::RECORD_NAME);
-        // The marker and the record are not entries; a third key is.
-        let page = self.store.list_page(&key, Some("/"), None, Some(3)).await?;
-        Ok(!page.common_prefixes.is_empty() || page.objects.iter().any(|o| o.key != key && o.key != record))
-    }
-
-    pub async fn rmdir(&self, parent: u64, name: &str) -> Result<(), FsError> {
-        self.check_writable()?;
-        let dir = self.dir_inode(parent)?;
-        let inode = self.resolve(&dir, name, false).await?;
-        if inode.kind != Kind::Dir {
-            return Err(FsError::NotDir);
-        }
-        if self.dir_has_entries(&inode).await? {
-            return Err(FsError::NotEmpty);
-        }
-        let key = self.inodes.key(&inode);
-        self.records.delete(&key).await?;
-        self.store.delete_object(&key).await?;
-        self.note_entry(parent, name, Kind::Dir, None);
-        self.inodes.unlink_name(parent, name);
-        Ok(())
-    }
-
-    /// Renames a file (copy, then delete) or a directory (every key under it; not atomic).
-    pub async fn rename(
-        &self,
-        parent: u64,
-        name: &str,
-        newparent: u64,
-        newname: &str,
-        flags: u32,
-    ) -> Result<(), FsError> {
-        self.check_writable()?;
-        if flags & libc::RENAME_EXCHANGE != 0 {
-            return Err(FsError::NotSupported("RENAME_EXCHANGE"));
-        }
-        let dir = self.dir_inode(parent)?;
-        let newdir = self.dir_inode(newparent)?;
-        let new_key_base = self.check_new_name(&newdir, newname)?;
-        let src = self.resolve(&dir, name, false).await?;
-        let target = match self.resolve(&newdir, newname, false).await {
-            Ok(t) => Some(t),
-            Err(FsError::NotFound) => None,
-            Err(e) => return Err(e),
-        };
-        if let Some(t) = &target {
-            if t.ino == src.ino {
-                return Ok(());
-            }
-            if flags & libc::RENAME_NOREPLACE != 0 {
-                return Err(FsError::Exists);
-            }
-            match (src.kind == Kind::Dir, t.kind == Kind::Dir) {
-                (false, true) => return Err(FsError::IsDir),
-                (true, false) => return Err(FsError::NotDir),
-                (true, true) if self.dir_has_entries(t).await? => return Err(FsError::NotEmpty),
-                _ => {}
-            }
-        }
-        if src.kind == Kind::Dir {
-            let new_prefix = format!("{new_key_base}/");
-            let old_prefix = self.inodes.key(&src);
-            if new_prefix.starts_with(&old_prefix) {
-                return Err(FsError::Invalid("cannot move a directory into itself"));
-            }
-            if let Some(t) = &target {
-                let key = self.inodes.key(t);
-                self.records.delete(&key).await?;
-                self.store.delete_object(&key).await?;
-            }
-            // Files open for writing under it commit first (as a file rename does), so the
-            // copies carry what they hold; afterwards they write on under the new keys.
-            let open = self.open_files_under(&old_prefix);
-            for (inode, state) in &open {
-                self.commit(inode, state).await?;
-            }
-            let moved = {
-                let _no_flush = self.records.exclusive().await;
-                self.records.forget_dir(&old_prefix);
-                self.rename_dir(&old_prefix, &new_prefix).await?
-            };
-            for (_, state) in &open {
-                let Some(old_key) = state.source_key().await else { continue };
-                if let Some(copy) = moved.get(&old_key) {
-                    state.rebase(copy.clone()).await;
-                }
-            }
-            self.note_entry(parent, name, Kind::Dir, None);
-            self.note_entry(newparent, newname, Kind::Dir, Self::dir_entry(&src.stat().attrs));
-        } else {
-            let state = src.open_state();
-            if let Some(state) = &state {
-                self.commit(&src, state).await?;
-            }
-            let meta = self.head(&src).await?;
-            let copied = self.copy_any(&ObjectId::from_meta(&meta), meta.size, &new_key_base, None).await?;
-            self.store.delete_object(&meta.key).await?;
-            let attrs = stat_from_meta(&meta).attrs;
-            self.note_entry(parent, name, src.kind, None);
-            let entry = Self::file_entry(&copied.etag, meta.size, &attrs, copied.last_modified);
-            self.note_entry(newparent, newname, src.kind, entry);
-            if let Some(state) = &state {
-                // Open handles keep writing under the new name; unchanged bytes now live there.
-                let copied = self.store.head_object(&new_key_base).await?;
-                state.rebase(ObjectId::from_meta(&copied)).await;
-            }
-        }
-        if let Some(t) = &target {
-            self.inodes.unlink_name(newparent, newname);
-            if let Some(state) = t.open_state() {
-                state.mark_unlinked();
-            }
-        }
-        self.inodes.rename(&src, newparent, newname);
-        Ok(())
-    }
-
-    /// Copies every key under `old` to `new`, then deletes the originals; bounded concurrency.
-    /// A crash in the middle leaves both trees, each complete up to the failure, never a lost key.
-    /// Files under the directory key `prefix` with write state not unlinked.
-    fn open_files_under(&self, prefix: &str) -> Vec<(Arc<Inode>, Arc<OpenState>)> {
-        let mut open = self.inodes.with_open_state();
-        open.retain(|(inode, state)| !state.is_unlinked() && self.inodes.key(inode).starts_with(prefix));
-        open
-    }
-
-    async fn rename_dir(&self, old: &str, new: &str) -> Result<write::Moved, FsError> {
-        let mut keys = Vec::new();
-        let mut token = None;
-        loop {
-            let page = self.store.list_page(old, None, token, None).await?;
-            keys.extend(page.objects);
-            match page.next_token {
-                Some(t) => token = Some(t),
-                None => break,
-            }
-        }
-        let this = self;
-        let gate = Arc::new(Semaphore::new(RENAME_CONCURRENCY));
-        let mut copies = futures::stream::FuturesUnordered::new();
-        for meta in &keys {
-            let gate = Arc::clone(&gate);
-            let dest = format!("{new}{}", &meta.key[old.len()..]);
-            copies.push(async move {
-                let _permit = gate.acquire().await.expect("never closed");
-                let copied = this.copy_any(&ObjectId::from_meta(meta), meta.size, &dest, None).await?;
-                let id = if copied.etag.is_empty() {
-                    ObjectId::from_meta(&this.store.head_object(&dest).await?)
-                } else {
-                    ObjectId { key: dest, version: copied.etag, has_etag: true }
-                };
-                Ok::<_, FsError>((meta.key.clone(), id))
-            });
-        }
-        use futures::StreamExt;
-        let mut moved = write::Moved::new();
-        while let Some(r) = copies.next().await {
-            let (old_key, id) = r?;
-            moved.insert(old_key, id);
-        }
-        drop(copies);
-        let mut deletes = futures::stream::FuturesUnordered::new();
-        for meta in &keys {
-            let gate = Arc::clone(&gate);
-            deletes.push(async move {
-                let _permit = gate.acquire().await.expect("never closed");
-                this.store.delete_object(&meta.key).await
-            });
-        }
-        while let Some(r) = deletes.next().await {
-            r?;
-        }
-        Ok(moved)
-    }
-
-    /// Lists a directory completely (all pages) and snapshots it for `readdir`.
-    pub async fn opendir(&self, ino: u64) -> Result<u64, FsError> {
-        let dir = self.dir_inode(ino)?;
-        let entries = self.list_dir(&dir).await?;
-        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-        self.dirs.lock().unwrap().insert(fh, Arc::new(DirHandle { entries }));
-        Ok(fh)
-    }
-
-    async fn list_dir(&self, dir: &Arc<Inode>) -> Result<Vec<DirEntry>, FsError> {
-        let dir_key = self.inodes.key(dir);
-        // The record (one GET) comes beside the LIST pages.
-        let (record, names) = tokio::join!(self.records.load(&dir_key), self.list_names(&dir_key));
-        let mut names = names?;
-        // Every entry counts as seen now, when the whole listing is known: with thousands of
-        // entries the first pages are seconds old by the last one, and `ls -l` looks them up
-        // only after reading the whole directory.
-        let listed_at = Instant::now();
-        for (name, (kind, stat)) in names.iter_mut() {
-            let Some(stat) = stat else { continue };
-            stat.validated_at = listed_at;
-            self.apply_record(record.as_ref(), name, kind, stat);
-        }
-        for child in self.inodes.pending_children(dir.ino) {
-            names.entry(child.name()).or_insert((child.kind, None));
-        }
-        let mut entries = Vec::with_capacity(names.len());
-        for (name, (kind, stat)) in names {
-            let existing = self.inodes.child(dir.ino, &name);
-            let inode = match (existing, stat) {
-                // Being written here, or known at least as well (fresh, from S3, same object).
-                (Some(ex), _) if ex.open_state().is_some() || ex.local_dir.load(Ordering::Relaxed) => ex,
-                (Some(ex), Some(stat)) if ex.kind == kind && self.known_as_well(&ex.stat(), &stat) => ex,
-                (_, Some(stat)) => self.inodes.upsert(dir, &name, kind, stat, false),
-                (Some(ex), None) => ex,
-                (None, None) => continue,
-            };
-            entries.push(DirEntry { ino: inode.ino, name, kind: inode.kind });
-        }
-        Ok(entries)
-    }
-
-    /// Whether `known` (in memory) is as good as `listed` (from a listing and the record).
-    fn known_as_well(&self, known: &Stat, listed: &Stat) -> bool {
-        self.fresh(known) && known.from_head && known.etag == listed.etag && known.size == listed.size
-    }
-
-    /// Every name directly under `dir_key`: directories (common prefixes; they win over an
-    /// object of the same name) and objects with what the listing says of them.
-    async fn list_names(&self, dir_key: &str) -> Result<BTreeMap<String, (Kind, Option<Stat>)>, FsError> {
-        let mut names: BTreeMap<String, (Kind, Option<Stat>)> = BTreeMap::new();
-        let mut token = None;
-        loop {
-            let page = self.store.list_page(dir_key, Some("/"), token, None).await?;
-            for p in &page.common_prefixes {
-                let name = p[dir_key.len()..].trim_end_matches('/');
-                if valid_name(name) && p.ends_with('/') && !name.contains('/') {
-                    names.insert(name.to_owned(), (Kind::Dir, Some(self.dir_stat())));
-                } else {
-                    tracing::debug!(prefix = %p, "skipping prefix that cannot be a directory name");
-                }
-            }
-            for o in &page.objects {
-                let Some(name) = o.key.strip_prefix(dir_key) else { continue };
-                if name.is_empty() {
-                    continue; // the directory's own marker object
-                }
-                if !valid_name(name) {
-                    if name != records::RECORD_NAME && name != RESERVED_NAME {
-                        tracing::debug!(key = %o.key, "skipping key that cannot be a file name");
-                    }
-                    continue;
-                }
-                // A directory of the same name wins (it may come on a later page).
-                names.entry(name.to_owned()).or_insert_with(|| (Kind::File, Some(stat_from_meta(o))));
-            }
-            match page.next_token {
-                Some(t) => token = Some(t),
-                None => break,
-            }
-        }
-        Ok(names)
-    }
-
-    /// What a directory's record says about a listed entry (see [`records`]): with no record,
-    /// nothing there carries s3csi attributes (mount defaults, no HEAD); an entry the record
-    /// vouches for (same ETag and size) gets its attributes and kind; anything else is left for
-    /// a HEAD at lookup.
-    fn apply_record(&self, record: Option<&DirRecord>, name: &str, kind: &mut Kind, stat: &mut Stat) {
-        let Some(record) = record else {
-            stat.from_head = true;
-            return;
-        };
-        let entry = match kind {
-            Kind::Dir => record.dir(name),
-            _ => record.file(name, stat.etag.as_deref(), stat.size, stat.mtime),
-        };
-        let Some(entry) = entry else {
-            stat.from_head = false;
-            return;
-        };
-        stat.attrs = StoredAttrs::decode(&entry.meta);
-        if let Some(t) = stat.attrs.mtime {
-            stat.mtime = t;
-        }
-        if *kind != Kind::Dir && stat.attrs.symlink {
-            *kind = Kind::Symlink;
-        }
-        stat.from_head = true;
-    }
-
-    /// Entries of an open directory from `offset` (0 = start; `.` and `..` come first).
-    pub fn readdir(&self, ino: u64, fh: u64, offset: u64) -> Result<Vec<(u64, DirEntry)>, FsError> {
-        let dir = self.dir_inode(ino)?;
-        let handle = self.dirs.lock().unwrap().get(&fh).cloned().ok_or(FsError::BadHandle)?;
-        let dots = [
-            DirEntry { ino: dir.ino, name: ".".into(), kind: Kind::Dir },
-            DirEntry { ino: dir.parent(), name: "..".into(), kind: Kind::Dir },
-        ];
-        let all = dots.into_iter().chain(handle.entries.iter().cloned());
-        Ok(all.enumerate().skip(offset as usize).map(|(i, e)| (i as u64 + 1, e)).collect())
-    }
-
-    pub fn releasedir(&self, fh: u64) {
-        self.dirs.lock().unwrap().remove(&fh);
-    }
-
     pub fn statfs(&self) -> StatFs {
         StatFs {
             blocks: STATFS_BLOCKS,
@@ -1416,6 +367,7 @@ impl<S: ObjectStore> S3Fs<S> {
 mod tests {
     use super::*;
     use crate::config::{Ownership, Prefix};
+    use crate::fs::inode::ROOT_INO;
     use crate::s3::fake::FakeStore;
 
     const ROOT: Caller = Caller::ROOT;
@@ -2037,5 +989,30 @@ mod tests {
         fs.release(a).await.unwrap();
         assert_eq!(&store.data("f").unwrap()[..], b"0123XYZ");
         assert!(fs.inode(ino).unwrap().open_state().is_none(), "no state left after the last writer");
+    }
+
+    /// A commit in flight (a FLUSH from another descriptor's close) never lands over a file that
+    /// a rename or an unlink has replaced or removed meanwhile.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_commit_in_flight_never_lands_after_a_rename_over_the_file() {
+        let store = Arc::new(FakeStore::new("b"));
+        let fs = Arc::new(fs_with(Arc::clone(&store), "", Duration::from_secs(60)));
+        let (_, w) = fs.create(ROOT, ROOT_INO, "f", 0o644, libc::O_WRONLY).await.unwrap();
+        fs.write(w, 0, b"old contents").await.unwrap();
+        let (_, g) = fs.create(ROOT, ROOT_INO, "g", 0o644, libc::O_WRONLY).await.unwrap();
+        fs.write(g, 0, b"other").await.unwrap();
+        fs.release(g).await.unwrap();
+        store.put_delay_ms.store(300, Ordering::Relaxed);
+        let flushing = {
+            let fs = Arc::clone(&fs);
+            tokio::spawn(async move { fs.flush(w).await })
+        };
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        fs.rename(ROOT_INO, "g", ROOT_INO, "f", 0).await.unwrap();
+        flushing.await.unwrap().unwrap();
+        store.put_delay_ms.store(0, Ordering::Relaxed);
+        fs.release(w).await.unwrap();
+        assert_eq!(&store.data("f").unwrap()[..], b"other");
+        assert_eq!(store.data("g"), None);
     }
 }

@@ -260,6 +260,18 @@ impl OpenState {
         self.shared.unlinked.store(true, Ordering::Relaxed);
     }
 
+    /// Marks the file unlinked (nothing commits it any more) and waits for a commit already in
+    /// flight, so none lands after the unlink or rename that follows.
+    pub async fn unlink(&self) {
+        self.mark_unlinked();
+        drop(self.file.lock().await);
+    }
+
+    /// Undoes [`OpenState::unlink`] when the unlink or rename failed: the file is still there.
+    pub fn relink(&self) {
+        self.shared.unlinked.store(false, Ordering::Relaxed);
+    }
+
     pub fn is_unlinked(&self) -> bool {
         self.shared.unlinked.load(Ordering::Relaxed)
     }

@@ -1,0 +1,338 @@
+//! Open files: handles (one enum for what a handle reads), opening, reading, writing, and the
+//! writer lifecycle (`begin_writing` .. `end_writing`) around the file's write state.
+
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Instant, SystemTime};
+
+use bytes::Bytes;
+
+use super::attrs::stat_from_meta;
+use super::inode::{Inode, Kind, Stat};
+use super::prefetch::{self, Access, ReadPattern};
+use super::write::OpenState;
+use super::{Attr, Caller, FsError, S3Fs};
+use crate::cache::BlockKey;
+use crate::s3::{ObjectId, ObjectMeta, ObjectStore, S3Error};
+
+/// What an open file handle reads from.
+pub(super) enum HandleSource {
+    /// One object version (a read-only open while nobody here was writing the file).
+    Object(Arc<ObjectId>, u64),
+    /// The file's write state: a writer's own, or one a reader shares.
+    State(Arc<OpenState>),
+}
+
+pub(super) struct FileHandle {
+    ino: u64,
+    writable: bool,
+    source: Mutex<HandleSource>,
+    pattern: Mutex<ReadPattern>,
+}
+
+impl FileHandle {
+    pub(super) fn new(ino: u64, writable: bool, source: HandleSource) -> Self {
+        FileHandle { ino, writable, source: Mutex::new(source), pattern: Mutex::new(ReadPattern::new()) }
+    }
+
+    /// The write state a read goes through, as on a local filesystem: the file's current one
+    /// (so a reader sees what this mount wrote, and a read never shrinks the size the kernel
+    /// believes), else the one this handle shares; `None` to read the handle's object.
+    pub(super) fn read_state(&self, inode: &Inode) -> Option<Arc<OpenState>> {
+        let mut source = self.source.lock().unwrap();
+        if let HandleSource::State(own) = &*source
+            && (own.is_unlinked() || self.writable)
+        {
+            // The file it opened is gone (or replaced): it keeps reading that one.
+            return Some(Arc::clone(own));
+        }
+        match (inode.open_state(), &*source) {
+            (Some(current), _) => {
+                *source = HandleSource::State(Arc::clone(&current));
+                Some(current)
+            }
+            (None, HandleSource::State(own)) => Some(Arc::clone(own)),
+            (None, HandleSource::Object(..)) => None,
+        }
+    }
+
+    /// The write state of a writable handle.
+    pub(super) fn write_state(&self) -> Option<Arc<OpenState>> {
+        match &*self.source.lock().unwrap() {
+            HandleSource::State(s) if self.writable => Some(Arc::clone(s)),
+            _ => None,
+        }
+    }
+
+    pub(super) fn object(&self) -> Option<(Arc<ObjectId>, u64)> {
+        match &*self.source.lock().unwrap() {
+            HandleSource::Object(o, size) => Some((Arc::clone(o), *size)),
+            HandleSource::State(_) => None,
+        }
+    }
+}
+
+/// How one read will be served, decided in kernel order (see [`S3Fs::plan_read`]): the handle
+/// it was planned with and, for a read of an object, how to fetch it.
+pub struct ReadPlan {
+    handle: Option<Arc<FileHandle>>,
+    access: Option<Access>,
+}
+
+impl<S: ObjectStore> S3Fs<S> {
+    pub(super) fn new_handle(&self, handle: FileHandle) -> u64 {
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        self.files.lock().unwrap().insert(fh, Arc::new(handle));
+        fh
+    }
+
+    pub(super) fn handle(&self, fh: u64) -> Result<Arc<FileHandle>, FsError> {
+        self.files.lock().unwrap().get(&fh).cloned().ok_or(FsError::BadHandle)
+    }
+
+    /// The current object behind `inode`, for a read-only open. An object small enough to be
+    /// one cache block (by the size known so far) is fetched whole by a GET that also returns
+    /// its metadata: one round trip instead of a HEAD and a GET, and the read that follows is a
+    /// cache hit. Larger ones, whose reads may never touch the start, get a HEAD.
+    pub(super) async fn fetch_for_open(&self, inode: &Inode) -> Result<ObjectMeta, FsError> {
+        let known = inode.stat().size;
+        if known == 0 || known > prefetch::BLOCK_SIZE {
+            return self.head(inode).await;
+        }
+        match self.store.get_object_start(&self.inodes.key(inode), prefetch::BLOCK_SIZE).await {
+            Ok(start) => {
+                self.refresh(inode, &start.meta);
+                if start.data.len() as u64 == prefetch::block_len(0, start.meta.size) && !start.data.is_empty() {
+                    let object = Arc::new(ObjectId::from_meta(&start.meta));
+                    self.fetcher.cache().insert(BlockKey { object, index: 0 }, start.data);
+                }
+                Ok(start.meta)
+            }
+            Err(S3Error::NotFound(_)) => {
+                self.inodes.unlink_name(inode.parent(), &inode.name());
+                Err(FsError::NotFound)
+            }
+            // The body broke off or stalled: a HEAD (retried by the SDK) still opens the file,
+            // and its read goes through the fetcher, which retries too.
+            Err(e) if e.is_transient() => {
+                tracing::debug!(key = %self.inodes.key(inode), error = %e, "GET at open failed; opening with a HEAD");
+                self.head(inode).await
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// The write state of a file, creating it from S3 (or empty, for `truncate`) when needed.
+    pub(super) async fn open_state(&self, inode: &Inode, truncate: bool) -> Result<Arc<OpenState>, FsError> {
+        if let Some(state) = inode.open_state() {
+            if truncate {
+                state.truncate(&self.writes, &self.inodes.key(inode), 0).await?;
+            }
+            return Ok(state);
+        }
+        let state = if truncate {
+            OpenState::new_empty(inode.stat().attrs, false)
+        } else {
+            let meta = self.head(inode).await?;
+            let stat = stat_from_meta(&meta);
+            OpenState::from_object(
+                &self.writes,
+                Arc::new(ObjectId::from_meta(&meta)),
+                meta.size,
+                stat.attrs,
+                stat.mtime,
+            )
+        };
+        let mut slot = inode.open.lock().unwrap();
+        Ok(Arc::clone(slot.get_or_insert(state)))
+    }
+
+    /// Opens a file. Read-only opens always ask S3 for the current object, so a reopened file
+    /// never serves an old version; opens for writing share the file's write state.
+    pub async fn open(&self, ino: u64, flags: i32) -> Result<u64, FsError> {
+        let inode = self.inode(ino)?;
+        if inode.kind == Kind::Dir {
+            return Err(FsError::IsDir);
+        }
+        let writable = flags & libc::O_ACCMODE != libc::O_RDONLY;
+        let truncate = flags & libc::O_TRUNC != 0;
+        if !writable && !truncate {
+            if let Some(state) = inode.open_state() {
+                return Ok(self.new_handle(FileHandle::new(ino, false, HandleSource::State(state))));
+            }
+            let meta = self.fetch_for_open(&inode).await?;
+            let object = HandleSource::Object(Arc::new(ObjectId::from_meta(&meta)), meta.size);
+            return Ok(self.new_handle(FileHandle::new(ino, false, object)));
+        }
+        self.check_writable()?;
+        if !writable {
+            // O_RDONLY|O_TRUNC: truncates like a writer that closes at once.
+            let state = self.begin_writing(&inode, true).await?;
+            self.end_writing(&inode, &state).await?;
+            return Ok(self.new_handle(FileHandle::new(ino, false, HandleSource::State(state))));
+        }
+        let state = self.begin_writing(&inode, truncate).await?;
+        Ok(self.new_handle(FileHandle::new(ino, true, HandleSource::State(state))))
+    }
+
+    /// Creates and opens a new file; it reaches S3 when first flushed or closed.
+    pub async fn create(
+        &self,
+        caller: Caller,
+        parent: u64,
+        name: &str,
+        mode: u16,
+        flags: i32,
+    ) -> Result<(Attr, u64), FsError> {
+        self.check_writable()?;
+        let dir = self.dir_inode(parent)?;
+        self.check_new_name(&dir, name)?;
+        if flags & libc::O_EXCL != 0 && self.resolve(&dir, name, false).await.is_ok() {
+            return Err(FsError::Exists);
+        }
+        let mut stat = Stat::new(0, SystemTime::now());
+        stat.from_head = true;
+        self.set_new_owner(&mut stat, caller, &dir, Kind::File, mode);
+        let inode = self.inodes.upsert(&dir, name, Kind::File, stat, true);
+        let state = OpenState::new_empty(inode.stat().attrs, true);
+        state.add_writer();
+        if let Some(old) = inode.open.lock().unwrap().replace(Arc::clone(&state)) {
+            old.mark_unlinked();
+        }
+        let fh = self.new_handle(FileHandle::new(inode.ino, true, HandleSource::State(state)));
+        Ok((self.attr(&inode), fh))
+    }
+
+    /// Reads up to `size` bytes at `offset`; short at end of file. Returns block slices.
+    pub async fn read(&self, fh: u64, offset: u64, size: u32) -> Result<Vec<Bytes>, FsError> {
+        let plan = self.plan_read(fh, offset, size);
+        self.read_planned(fh, offset, size, plan).await
+    }
+
+    /// Records a read in its handle's access pattern. Called in the order the kernel sent the
+    /// reads (on the FUSE thread), so concurrent tasks cannot reorder a sequential scan.
+    pub fn plan_read(&self, fh: u64, offset: u64, size: u32) -> ReadPlan {
+        let Ok(handle) = self.handle(fh) else { return ReadPlan { handle: None, access: None } };
+        let writing = self.inodes.get(handle.ino).is_some_and(|i| i.open_state().is_some());
+        let access = match handle.object().filter(|_| !writing) {
+            Some((_, obj_size)) => {
+                let end = offset.saturating_add(u64::from(size)).min(obj_size);
+                (offset < end).then(|| handle.pattern.lock().unwrap().on_read(offset, end - offset, &self.fetcher))
+            }
+            None => None,
+        };
+        tracing::trace!(offset, size, ?access, "read");
+        ReadPlan { handle: Some(handle), access }
+    }
+
+    /// Serves a read planned with [`S3Fs::plan_read`].
+    pub async fn read_planned(&self, fh: u64, offset: u64, size: u32, plan: ReadPlan) -> Result<Vec<Bytes>, FsError> {
+        let handle = match plan.handle {
+            Some(handle) => handle,
+            None => self.handle(fh)?,
+        };
+        let inode = self.inode(handle.ino)?;
+        if let Some(state) = handle.read_state(&inode) {
+            return state.read(&self.writes, &self.inodes.key(&inode), offset, u64::from(size)).await;
+        }
+        let Some((object, obj_size)) = handle.object() else { return Ok(Vec::new()) };
+        let end = offset.saturating_add(u64::from(size)).min(obj_size);
+        let access = match plan.access {
+            Some(access) => access,
+            // Planned while another handle was writing, which has since closed.
+            None => Access::Random,
+        };
+        if offset >= end {
+            return Ok(Vec::new());
+        }
+        Ok(self.fetcher.read(&object, obj_size, offset..end, access).await?)
+    }
+
+    pub async fn write(&self, fh: u64, offset: u64, data: &[u8]) -> Result<u32, FsError> {
+        let handle = self.handle(fh)?;
+        let state = handle.write_state().ok_or(FsError::BadHandle)?;
+        let inode = self.inode(handle.ino)?;
+        state.write(&self.writes, &self.inodes.key(&inode), offset, data).await?;
+        Ok(data.len() as u32)
+    }
+
+    /// Commits the file behind `fh` (close and fsync both call this).
+    pub async fn flush(&self, fh: u64) -> Result<(), FsError> {
+        let handle = self.handle(fh)?;
+        let inode = self.inode(handle.ino)?;
+        let state = match &*handle.source.lock().unwrap() {
+            HandleSource::State(s) => Arc::clone(s),
+            HandleSource::Object(..) => match inode.open_state() {
+                // Any descriptor's close commits what the file's writers wrote so far.
+                Some(s) => s,
+                None => return Ok(()),
+            },
+        };
+        self.commit(&inode, &state).await
+    }
+
+    pub(super) async fn commit(&self, inode: &Inode, state: &OpenState) -> Result<(), FsError> {
+        let key = self.inodes.key(inode);
+        if let Some((object, attrs)) = state.commit(&self.writes, &key).await? {
+            let mut stat = inode.stat();
+            stat.size = state.size();
+            stat.etag = Some(object.version.clone());
+            stat.mtime = attrs.mtime.unwrap_or_else(|| state.mtime());
+            self.note_entry(
+                inode.parent(),
+                &inode.name(),
+                inode.kind,
+                Self::file_entry(&object.version, stat.size, &attrs, None),
+            );
+            stat.attrs = attrs;
+            stat.from_head = true;
+            stat.validated_at = Instant::now();
+            inode.set_stat(stat);
+        }
+        Ok(())
+    }
+
+    pub async fn release(&self, fh: u64) -> Result<(), FsError> {
+        let Some(handle) = self.files.lock().unwrap().remove(&fh) else { return Ok(()) };
+        let Some(state) = handle.write_state() else { return Ok(()) };
+        let inode = self.inode(handle.ino)?;
+        self.end_writing(&inode, &state).await
+    }
+
+    /// The file's write state, created (from S3, or empty to truncate) when needed, with one
+    /// more writer. Every writer ends with [`S3Fs::end_writing`].
+    pub(super) async fn begin_writing(&self, inode: &Inode, truncate: bool) -> Result<Arc<OpenState>, FsError> {
+        let state = self.open_state(inode, truncate).await?;
+        state.add_writer();
+        if truncate && state.size() != 0 {
+            // Another writer's state was picked up after the truncate (a race with its open).
+            if let Err(e) = state.truncate(&self.writes, &self.inodes.key(inode), 0).await {
+                self.end_writing(inode, &state).await?;
+                return Err(e);
+            }
+        }
+        Ok(state)
+    }
+
+    /// One writer is done: the last commits the file and detaches the state from the inode.
+    /// Readers still holding the state keep reading it; its resources go with the last of them.
+    pub(super) async fn end_writing(&self, inode: &Inode, state: &Arc<OpenState>) -> Result<(), FsError> {
+        if !state.remove_writer() {
+            return Ok(());
+        }
+        let result = self.commit(inode, state).await;
+        if state.writers() == 0 {
+            let mut slot = inode.open.lock().unwrap();
+            if slot.as_ref().is_some_and(|s| Arc::ptr_eq(s, state)) {
+                *slot = None;
+                if state.is_unlinked() {
+                    // Never committed; readers still holding it see its size from here.
+                    let mut stat = inode.stat();
+                    (stat.size, stat.mtime) = (state.size(), state.mtime());
+                    inode.set_stat(stat);
+                }
+            }
+        }
+        result
+    }
+}
