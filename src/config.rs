@@ -2,7 +2,9 @@
 //!
 //! `main.rs` owns the clap definitions; everything else sees only the validated types here.
 //! Every value is parsed once into a newtype, so a bad bucket name, prefix, size or mode is
-//! rejected before anything touches S3 or the kernel.
+//! rejected before anything touches S3 or the kernel. The newtypes carry each option's limits
+//! (such as [`PartSize`]), and the CSI driver checks StorageClass parameters and mount options
+//! with them, so a value CreateVolume accepts is one `s3csi mount` accepts.
 
 use std::fmt;
 use std::path::PathBuf;
@@ -123,6 +125,95 @@ impl FromStr for ByteSize {
             _ => return Err(bad()),
         };
         n.checked_mul(mult).map(ByteSize).ok_or_else(bad)
+    }
+}
+
+/// A multipart part size (`--part-size`, `partSize`): a [`ByteSize`] within S3's limits on every
+/// part but the last, 5 MiB to 5 GiB.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct PartSize(pub u64);
+
+impl PartSize {
+    pub const MIN: u64 = crate::fs::write::MIN_PART_SIZE;
+    pub const MAX: u64 = 5 << 30;
+}
+
+impl FromStr for PartSize {
+    type Err = ConfigError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let ByteSize(n) = s.parse()?;
+        if (Self::MIN..=Self::MAX).contains(&n) {
+            Ok(PartSize(n))
+        } else {
+            Err(ConfigError(format!("invalid part size {s:?}: expected 5MiB to 5GiB (S3's multipart limits)")))
+        }
+    }
+}
+
+/// The memory for reading (`--memory-cache-size`, `memoryCacheSize`): a [`ByteSize`] of at least
+/// one 1 MiB cache block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct MemoryCacheSize(pub u64);
+
+impl MemoryCacheSize {
+    pub const MIN: u64 = 1 << 20;
+}
+
+impl FromStr for MemoryCacheSize {
+    type Err = ConfigError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let ByteSize(n) = s.parse()?;
+        if n >= Self::MIN {
+            Ok(MemoryCacheSize(n))
+        } else {
+            Err(ConfigError(format!("invalid memory cache size {s:?}: expected at least 1MiB (one cache block)")))
+        }
+    }
+}
+
+/// How long metadata is cached (`--metadata-ttl`, `metadataTtl`): seconds, fractions allowed,
+/// from 0 to below 10^9 (so it always fits a `Duration`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct MetadataTtl(pub Duration);
+
+impl MetadataTtl {
+    pub const MAX_SECS: f64 = 1e9;
+}
+
+impl FromStr for MetadataTtl {
+    type Err = ConfigError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.parse::<f64>() {
+            Ok(secs) if secs.is_finite() && (0.0..Self::MAX_SECS).contains(&secs) => {
+                Ok(MetadataTtl(Duration::from_secs_f64(secs)))
+            }
+            _ => Err(ConfigError(format!(
+                "invalid metadata TTL {s:?}: expected seconds from 0 to below 1000000000, such as 1 or 0.5"
+            ))),
+        }
+    }
+}
+
+/// The S3 stall limit (`--s3-timeout`, `s3Timeout`, see [`Timeouts`]): whole seconds from 3 to
+/// 86400.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StallLimit(pub Duration);
+
+impl StallLimit {
+    pub const SECS: std::ops::RangeInclusive<u64> = 3..=86_400;
+}
+
+impl FromStr for StallLimit {
+    type Err = ConfigError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.parse::<u64>() {
+            Ok(secs) if Self::SECS.contains(&secs) => Ok(StallLimit(Duration::from_secs(secs))),
+            _ => Err(ConfigError(format!("invalid S3 timeout {s:?}: expected whole seconds from 3 to 86400"))),
+        }
     }
 }
 
@@ -316,6 +407,57 @@ mod tests {
     #[test_case("0o600", 0o600)]
     fn modes_parse(input: &str, want: u16) {
         assert_eq!(input.parse::<Mode>().unwrap(), Mode(want));
+    }
+
+    #[test_case("5MiB", true)]
+    #[test_case("5242879", false)]
+    #[test_case("1MiB", false)]
+    #[test_case("5GiB", true)]
+    #[test_case("5368709121", false)]
+    #[test_case("8 MiB", true)]
+    #[test_case("big", false)]
+    fn part_sizes(input: &str, ok: bool) {
+        assert_eq!(input.parse::<PartSize>().is_ok(), ok, "{input}");
+    }
+
+    #[test_case("1MiB", true)]
+    #[test_case("1048575", false)]
+    #[test_case("0", false)]
+    #[test_case("lots", false)]
+    fn memory_cache_sizes(input: &str, ok: bool) {
+        assert_eq!(input.parse::<MemoryCacheSize>().is_ok(), ok, "{input}");
+    }
+
+    #[test_case("0", true)]
+    #[test_case("0.5", true)]
+    #[test_case("999999999", true)]
+    #[test_case("1e9", false)]
+    #[test_case("-1", false)]
+    #[test_case("inf", false)]
+    #[test_case("NaN", false)]
+    #[test_case("one", false)]
+    fn metadata_ttls(input: &str, ok: bool) {
+        assert_eq!(input.parse::<MetadataTtl>().is_ok(), ok, "{input}");
+    }
+
+    #[test_case("3", true)]
+    #[test_case("86400", true)]
+    #[test_case("2", false)]
+    #[test_case("86401", false)]
+    #[test_case("1.5", false)]
+    #[test_case("-3", false)]
+    fn stall_limits(input: &str, ok: bool) {
+        assert_eq!(input.parse::<StallLimit>().is_ok(), ok, "{input}");
+    }
+
+    #[test]
+    fn limit_errors_name_the_value_and_the_range() {
+        let e = "1MiB".parse::<PartSize>().unwrap_err().0;
+        assert!(e.contains("\"1MiB\"") && e.contains("5MiB to 5GiB"), "{e}");
+        let e = "512KiB".parse::<MemoryCacheSize>().unwrap_err().0;
+        assert!(e.contains("\"512KiB\"") && e.contains("at least 1MiB"), "{e}");
+        let e = "abc".parse::<PartSize>().unwrap_err().0;
+        assert!(e.contains("\"abc\"") && e.contains("512MiB"), "a syntax error says what a size looks like: {e}");
     }
 
     #[test]

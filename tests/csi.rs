@@ -21,6 +21,7 @@ use s3csi::csi::proto::{
     ListVolumesRequest, NodeGetInfoRequest, NodeGetVolumeStatsRequest, ValidateVolumeCapabilitiesRequest, Volume,
     VolumeCapability, identity_client::IdentityClient, volume_capability,
 };
+use s3csi::csi::volume::{MountOptions, generated_name};
 use tonic::Code;
 
 #[test]
@@ -504,4 +505,108 @@ fn purging_a_large_bucket_pages_and_deletes_in_batches() {
     let progress = log.lines().filter(|l| l.contains("purging") && l.contains(&vol.volume_id)).count();
     assert!(progress >= 3, "progress is logged per batch of at most 1000: {log}");
     assert!(log.contains("objects=2501"), "every object and the marker: {log}");
+}
+
+#[test]
+fn create_volume_refuses_option_values_the_mount_would_refuse() {
+    let server = S3Server::start();
+    let d = Driver::start(&server, Creds::Env);
+    let name = "pvc-bad-part-size";
+    let err = d.create(name, &[("partSize", "1MiB")], &no_secrets()).unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    for part in ["partSize", "\"1MiB\"", "5MiB", "5GiB"] {
+        assert!(err.message().contains(part), "names the key, the value and what is accepted: {}", err.message());
+    }
+    let bucket = generated_name("", name);
+    assert!(!bucket_exists(&server, &bucket), "no bucket for a refused volume");
+
+    // Every other option is checked by the same rules, with Kubernetes' own keys beside them.
+    for (key, value) in [
+        ("memoryCacheSize", "512KiB"),
+        ("memoryCacheSize", "lots"),
+        ("diskCacheSize", "ten gigs"),
+        ("metadataTtl", "1e9"),
+        ("metadataTtl", "-1"),
+        ("s3Timeout", "86401"),
+        ("readOnly", "yes"),
+        ("uid", "-1"),
+        ("fileMode", "rw-r--r--"),
+    ] {
+        let params = [(key, value), ("csi.storage.k8s.io/pvc/name", "data"), ("csi.storage.k8s.io/pv/name", name)];
+        let err = d.create(name, &params, &no_secrets()).unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{key}={value}: {err:?}");
+        assert!(err.message().contains(key) && err.message().contains(value), "{key}={value}: {}", err.message());
+    }
+    assert!(!bucket_exists(&server, &bucket), "no bucket for a refused volume");
+
+    // The limits themselves are accepted, and a volume so created stages.
+    let ok = [("partSize", "5MiB"), ("memoryCacheSize", "1MiB"), ("csi.storage.k8s.io/pvc/namespace", "default")];
+    let vol = d.create(name, &ok, &no_secrets()).unwrap_or_else(|e| panic!("{e:?}\n{}", d.log()));
+    assert_eq!(vol.volume_id, bucket);
+    let (staging, target) = mount_volume(&d, &vol, &no_secrets(), "limits");
+    unmount_volume(&d, &vol, &staging, &target);
+
+    // ValidateVolumeCapabilities checks parameters and volume context with the same rules.
+    let rw = mount_cap(volume_capability::access_mode::Mode::SingleNodeWriter);
+    let validate = |context: &[(&str, &str)], parameters: &[(&str, &str)]| {
+        let map = |kv: &[(&str, &str)]| kv.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        d.rt.block_on(d.controller().validate_volume_capabilities(ValidateVolumeCapabilitiesRequest {
+            volume_id: vol.volume_id.clone(),
+            volume_capabilities: vec![rw.clone()],
+            volume_context: map(context),
+            parameters: map(parameters),
+            ..Default::default()
+        }))
+        .unwrap()
+        .into_inner()
+    };
+    let context: Vec<(&str, &str)> = vol.volume_context.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    assert!(validate(&context, &ok).confirmed.is_some());
+    let bad: &[(&str, &str)] = &[("partSize", "1MiB")];
+    for (context, parameters) in [(bad, &[][..]), (&[][..], bad)] {
+        let r = validate(context, parameters);
+        assert!(r.confirmed.is_none(), "not confirmed: {context:?} {parameters:?}");
+        assert!(r.message.contains("partSize") && r.message.contains("1MiB"), "{}", r.message);
+    }
+    d.delete(&vol.volume_id, &no_secrets()).unwrap();
+}
+
+/// The CSI side checks option values with the rules `s3csi mount` applies to its flags: for each
+/// value, the real binary (which checks its options before the mountpoint) and the driver's
+/// validation agree.
+#[test]
+fn the_driver_accepts_exactly_the_option_values_the_mount_accepts() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("missing");
+    let cases: &[(&str, &[&str])] = &[
+        ("uid", &["0", "1000", "4294967295", "4294967296", "-1", "abc"]),
+        ("gid", &["2000", "x"]),
+        ("file-mode", &["0640", "644", "0o600", "7777", "17777", "999", "rw"]),
+        ("dir-mode", &["2775", "8"]),
+        ("metadata-ttl", &["0", "1.5", "999999999", "1e9", "-1", "inf", "NaN", "abc"]),
+        ("memory-cache-size", &["1MiB", "1048576", "1048575", "512KiB", "256MiB", "lots"]),
+        ("max-cache-size", &["0", "10GiB", "1XB"]),
+        ("part-size", &["1MiB", "5242879", "5MiB", "8MiB", "5GiB", "5368709121", "6GiB", "big"]),
+        ("write-buffer-size", &["0", "64MiB", "x"]),
+        ("max-staging-size", &["4GiB", "x"]),
+        ("s3-timeout", &["2", "3", "60", "86400", "86401", "1.5", "abc"]),
+    ];
+    for (flag, values) in cases {
+        for value in *values {
+            let out = std::process::Command::new(common::S3CSI_BIN)
+                .arg("mount")
+                .arg("some-bucket")
+                .arg(&missing)
+                .arg(format!("--{flag}={value}"))
+                .env("RUST_LOG", "off")
+                .output()
+                .unwrap();
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(!out.status.success(), "--{flag}={value}: {stderr}");
+            // Options are checked first; a value the mount accepts gets as far as the mountpoint.
+            let mount_accepts = stderr.contains("does not exist");
+            let driver = MountOptions::default().apply_mount_flag(&format!("{flag}={value}"));
+            assert_eq!(driver.is_ok(), mount_accepts, "--{flag}={value}: mount says {stderr:?}, driver {driver:?}");
+        }
+    }
 }

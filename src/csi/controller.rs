@@ -381,7 +381,14 @@ impl ControllerService {
         if !self.exists(&admin, &id).await? {
             return Err(CsiError::NotFound(format!("volume {id} does not exist")));
         }
-        if let Err(e) = check_capabilities(&req.volume_capabilities) {
+        // Parameters and volume context by the same checks as CreateVolume and NodeStageVolume:
+        // confirmed only if all of it would be accepted.
+        let valid = check_capabilities(&req.volume_capabilities)
+            .and_then(|()| CreateParams::parse(&req.parameters).map(drop).map_err(CsiError::InvalidArgument))
+            .and_then(|()| {
+                MountOptions::build(&req.volume_context, &[], None).map(drop).map_err(CsiError::InvalidArgument)
+            });
+        if let Err(e) = valid {
             return Ok(ValidateVolumeCapabilitiesResponse { confirmed: None, message: e.to_string() });
         }
         Ok(ValidateVolumeCapabilitiesResponse {

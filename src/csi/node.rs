@@ -199,13 +199,22 @@ fn find_mount_process(mountpoint: &Path) -> u32 {
 
 impl NodeService {
     pub fn new(config: &CsiConfig) -> std::io::Result<Self> {
+        Self::with_parts(config, Arc::new(SystemMounter), MountSupervisor::new(config.mount_exe.clone()))
+    }
+
+    /// A node service with the given mounter and supervisor (tests use fakes and short timeouts).
+    pub fn with_parts(
+        config: &CsiConfig,
+        mounter: Arc<dyn Mounter>,
+        supervisor: MountSupervisor,
+    ) -> std::io::Result<Self> {
         let state = StateDir::open(&config.state_dir)?;
         let node = NodeService {
             node_id: config.node_id.clone(),
             base: config.s3.clone(),
             state,
-            mounter: Arc::new(SystemMounter),
-            supervisor: MountSupervisor::new(config.mount_exe.clone()),
+            mounter,
+            supervisor,
             locks: KeyLocks::default(),
         };
         node.report_recovered();
@@ -410,13 +419,28 @@ impl NodeService {
         let pid = match started {
             Ok(pid) => pid,
             Err(e) => {
-                if created {
+                // A process killed for not getting ready may have mounted already: remove its
+                // mount, so the staging path is as before and a retry starts afresh.
+                let cleared = match &e {
+                    SpawnError::Exec { .. } => Ok(true),
+                    SpawnError::Failed { .. } | SpawnError::NotReady { .. } => {
+                        self.unmount_ours(&staging, Some(&source), None)
+                    }
+                };
+                if created && matches!(cleared, Ok(true)) {
                     remove_dir(&staging);
                 }
-                return Err(match e {
-                    SpawnError::Exec { .. } => internal(e),
-                    SpawnError::Failed { message } => internal(format!("cannot mount volume {id}: {message}")),
-                });
+                let message = match e {
+                    SpawnError::Exec { .. } => e.to_string(),
+                    SpawnError::Failed { message } => format!("cannot mount volume {id}: {message}"),
+                    SpawnError::NotReady { .. } => {
+                        format!("cannot mount volume {id} at {}: {e}", staging.display())
+                    }
+                };
+                return Err(internal(match cleared {
+                    Ok(_) => message,
+                    Err(c) => format!("{message}; removing its mount failed too: {c}"),
+                }));
             }
         };
         let v = StagedVolume {
@@ -708,5 +732,150 @@ impl Node for NodeService {
             max_volumes_per_node: 0,
             accessible_topology: None,
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+    use std::time::{Duration, Instant};
+
+    use super::*;
+    use crate::mount::MountError;
+    use crate::mount::supervisor::{process_gone, stub_exe};
+
+    /// Name of the file a stub mount process creates in its mountpoint to stand for a mount.
+    const FAKE_MOUNT: &str = ".fake-mount";
+
+    /// A mounter that sees our FUSE mount of `s3csi:bucket-a` at every directory holding
+    /// [`FAKE_MOUNT`], and unmounts by removing that file.
+    #[derive(Default)]
+    struct FakeMounter {
+        unmounted: Mutex<Vec<PathBuf>>,
+    }
+
+    impl Mounter for FakeMounter {
+        fn state(&self, path: &Path) -> MountState {
+            if path.join(FAKE_MOUNT).exists() {
+                let entry =
+                    MountEntry { source: "s3csi:bucket-a".into(), fstype: "fuse".into(), device: "0:99".into() };
+                MountState::Healthy(entry)
+            } else {
+                MountState::NotMounted
+            }
+        }
+
+        fn bind(&self, _source: &Path, _target: &Path, _read_only: bool) -> Result<(), MountError> {
+            unimplemented!("not used by these tests")
+        }
+
+        fn unmount(&self, path: &Path) -> Result<(), MountError> {
+            self.unmounted.lock().unwrap().push(path.to_owned());
+            let _ = std::fs::remove_file(path.join(FAKE_MOUNT));
+            Ok(())
+        }
+    }
+
+    const READY_TIMEOUT: Duration = Duration::from_secs(1);
+
+    /// A node whose mount processes run `script` (arguments: `mount <bucket> <staging> ...`).
+    fn node(dir: &Path, script: &str) -> (NodeService, Arc<FakeMounter>) {
+        let exe = stub_exe(dir, script);
+        let config = CsiConfig {
+            socket: dir.join("csi.sock"),
+            node_id: "node-1".into(),
+            mode: super::super::ServiceMode::Node,
+            driver_name: super::super::volume::DEFAULT_DRIVER_NAME.into(),
+            s3: S3Config::default(),
+            state_dir: dir.join("state"),
+            metrics_address: None,
+            mount_exe: exe.clone(),
+        };
+        let mounter = Arc::new(FakeMounter::default());
+        let supervisor = MountSupervisor::new(exe).with_ready_timeout(READY_TIMEOUT);
+        (NodeService::with_parts(&config, mounter.clone(), supervisor).unwrap(), mounter)
+    }
+
+    fn stage_req(staging: &Path) -> NodeStageVolumeRequest {
+        NodeStageVolumeRequest {
+            volume_id: "bucket-a".into(),
+            staging_target_path: staging.display().to_string(),
+            volume_capability: Some(VolumeCapability {
+                access_type: Some(volume_capability::AccessType::Mount(Default::default())),
+                access_mode: Some(volume_capability::AccessMode {
+                    mode: volume_capability::access_mode::Mode::MultiNodeMultiWriter as i32,
+                }),
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn unstage_req(staging: &Path) -> NodeUnstageVolumeRequest {
+        NodeUnstageVolumeRequest { volume_id: "bucket-a".into(), staging_target_path: staging.display().to_string() }
+    }
+
+    /// At most this long for a call that must not wait for a lock (or anything else).
+    const PROMPT: Duration = Duration::from_secs(5);
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_mount_process_that_never_gets_ready_is_killed_and_releases_the_volume() {
+        let dir = tempfile::tempdir().unwrap();
+        let pid_file = dir.path().join("pid");
+        let script = format!("echo $$ > {}\necho 'resolving the S3 endpoint' >&2\nexec sleep 600", pid_file.display());
+        let (node, mounter) = node(dir.path(), &script);
+        let staging = dir.path().join("globalmount");
+
+        let started = Instant::now();
+        let err = node.stage(stage_req(&staging)).await.unwrap_err();
+        assert!(started.elapsed() < READY_TIMEOUT + PROMPT, "bounded: {:?}", started.elapsed());
+        let CsiError::Internal(msg) = &err else { panic!("mount failures are Internal: {err:?}") };
+        let pid: u32 = std::fs::read_to_string(&pid_file).unwrap().trim().parse().unwrap();
+        for part in [
+            "cannot mount volume bucket-a at ".to_owned() + &staging.display().to_string(),
+            format!("mount process {pid} did not report the mount ready within 1s and was killed"),
+            "its last output on stderr: resolving the S3 endpoint".to_owned(),
+        ] {
+            assert!(msg.contains(&part), "{part:?} in {msg}");
+        }
+        assert!(!Path::new(&format!("/proc/{pid}")).exists(), "the mount process is killed and reaped");
+        assert!(!staging.exists(), "the staging directory it created is removed");
+        assert!(node.state.load(&"bucket-a".parse::<VolumeId>().unwrap().file_stem()).unwrap().is_none());
+        assert!(mounter.unmounted.lock().unwrap().is_empty(), "nothing was mounted, nothing unmounted");
+
+        // The volume's lock is free: the next calls for it go ahead at once (or wait their own
+        // bounded time for their own mount process).
+        tokio::time::timeout(PROMPT, node.unstage(unstage_req(&staging)))
+            .await
+            .expect("unstage is not blocked")
+            .unwrap();
+        let again = tokio::time::timeout(READY_TIMEOUT + PROMPT, node.stage(stage_req(&staging)))
+            .await
+            .expect("a second stage is not blocked");
+        assert!(matches!(again, Err(CsiError::Internal(_))), "{again:?}");
+        let pid2: u32 = std::fs::read_to_string(&pid_file).unwrap().trim().parse().unwrap();
+        assert!(pid2 != pid && process_gone(pid2));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_mount_left_by_a_process_that_never_got_ready_is_unmounted() {
+        let dir = tempfile::tempdir().unwrap();
+        let pid_file = dir.path().join("pid");
+        // Mounts (its mountpoint is the third argument), then hangs before reporting ready.
+        let script = format!("echo $$ > {}\ntouch \"$3/{FAKE_MOUNT}\"\nexec sleep 600", pid_file.display());
+        let (node, mounter) = node(dir.path(), &script);
+        let staging = dir.path().join("globalmount");
+
+        let err = node.stage(stage_req(&staging)).await.unwrap_err();
+        let CsiError::Internal(msg) = &err else { panic!("{err:?}") };
+        assert!(msg.contains("did not report the mount ready") && msg.contains("it wrote nothing on stderr"), "{msg}");
+        let pid: u32 = std::fs::read_to_string(&pid_file).unwrap().trim().parse().unwrap();
+        assert!(!Path::new(&format!("/proc/{pid}")).exists(), "the mount process is killed and reaped");
+        assert_eq!(*mounter.unmounted.lock().unwrap(), vec![staging.clone()], "its mount is removed");
+        assert_eq!(node.mount_state(&staging), MountState::NotMounted);
+        assert!(!staging.exists(), "the staging directory it created is removed");
+        tokio::time::timeout(PROMPT, node.unstage(unstage_req(&staging)))
+            .await
+            .expect("unstage is not blocked")
+            .unwrap();
     }
 }

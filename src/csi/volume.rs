@@ -12,7 +12,13 @@
 //! A key with a DNS prefix (`domain/name`, such as `csi.storage.k8s.io/pvc/name` or
 //! `storage.kubernetes.io/csiProvisionerIdentity`) belongs to Kubernetes or another component:
 //! it is ignored (logged at debug), never an error, in StorageClass parameters and volume
-//! context alike. An unknown bare key is `InvalidArgument`.
+//! context alike; so is every key starting with `csi.storage.k8s.io/`. An unknown bare key is
+//! `InvalidArgument`.
+//!
+//! Values are checked once, by [`MountOptions::apply_context`] / [`MountOptions::apply_mount_flag`]
+//! with the types `s3csi mount` parses its flags into (`config::PartSize`, ...): CreateVolume,
+//! GetCapacity and ValidateVolumeCapabilities refuse exactly what NodeStageVolume and the mount
+//! would refuse.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -21,7 +27,9 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::config::{BucketName, ByteSize, Mode, Prefix};
+use crate::config::{
+    BucketName, ByteSize, ConfigError, MemoryCacheSize, MetadataTtl, Mode, PartSize, Prefix, StallLimit,
+};
 
 /// Default driver name; domain-style, ending in a letter.
 pub const DEFAULT_DRIVER_NAME: &str = "s3.csi.s3csi.io";
@@ -36,6 +44,10 @@ pub const PARAM_NAME_PREFIX: &str = "namePrefix";
 /// StorageClass parameter: what DeleteVolume does (`purge`, `ifEmpty`, `keep`).
 pub const PARAM_ON_DELETE: &str = "onDelete";
 
+/// Keys csi-provisioner and kubelet set (`csi.storage.k8s.io/pvc/name`, `.../pod.name`, ...):
+/// foreign whatever follows the prefix.
+pub const KUBERNETES_CSI_PREFIX: &str = "csi.storage.k8s.io/";
+
 /// What a parameter or volume-context key is, by the key rule in the module docs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OptionKey<'a> {
@@ -48,14 +60,16 @@ pub enum OptionKey<'a> {
 impl<'a> OptionKey<'a> {
     /// `domain/name` with a DNS-subdomain domain (lowercase letters, digits, `-`, `.`, starting
     /// and ending with a letter or digit) and a non-empty name is foreign; anything else
-    /// (`uid`, but also `uid/` or `/uid`) is ours, so a typo is an error, not ignored.
+    /// (`uid`, but also `uid/` or `/uid`) is ours, so a typo is an error, not ignored. Any key
+    /// starting with [`KUBERNETES_CSI_PREFIX`] is foreign too.
     pub fn classify(key: &'a str) -> Self {
-        let foreign = key.split_once('/').is_some_and(|(domain, name)| {
-            !name.is_empty()
-                && domain.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
-                && domain.bytes().next().is_some_and(|b| b.is_ascii_alphanumeric())
-                && domain.bytes().last().is_some_and(|b| b.is_ascii_alphanumeric())
-        });
+        let foreign = key.starts_with(KUBERNETES_CSI_PREFIX)
+            || key.split_once('/').is_some_and(|(domain, name)| {
+                !name.is_empty()
+                    && domain.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+                    && domain.bytes().next().is_some_and(|b| b.is_ascii_alphanumeric())
+                    && domain.bytes().last().is_some_and(|b| b.is_ascii_alphanumeric())
+            });
         if foreign { OptionKey::Foreign } else { OptionKey::Ours(key) }
     }
 }
@@ -286,14 +300,17 @@ impl CreateParams {
     }
 }
 
-/// How a value of an option is checked.
+/// How a value of an option is checked: by the type `s3csi mount` parses it into, so the
+/// driver accepts exactly the values the mount accepts.
 #[derive(Debug, Clone, Copy)]
 enum Kind {
+    /// A uid or gid (`u32`).
     Id,
     Mode,
     Size,
-    Seconds,
-    /// Whole seconds from 3 to 86400 (`--s3-timeout`).
+    PartSize,
+    MemoryCacheSize,
+    MetadataTtl,
     StallLimit,
 }
 
@@ -303,10 +320,10 @@ const VALUE_OPTIONS: &[(&str, &str, Kind)] = &[
     ("gid", "gid", Kind::Id),
     ("fileMode", "file-mode", Kind::Mode),
     ("dirMode", "dir-mode", Kind::Mode),
-    ("metadataTtl", "metadata-ttl", Kind::Seconds),
-    ("memoryCacheSize", "memory-cache-size", Kind::Size),
+    ("metadataTtl", "metadata-ttl", Kind::MetadataTtl),
+    ("memoryCacheSize", "memory-cache-size", Kind::MemoryCacheSize),
     ("diskCacheSize", "max-cache-size", Kind::Size),
-    ("partSize", "part-size", Kind::Size),
+    ("partSize", "part-size", Kind::PartSize),
     ("writeBufferSize", "write-buffer-size", Kind::Size),
     ("maxStagingSize", "max-staging-size", Kind::Size),
     ("s3Timeout", "s3-timeout", Kind::StallLimit),
@@ -332,19 +349,21 @@ pub struct MountOptions {
     pub sub_prefix: Option<String>,
 }
 
+/// Checks one option value: the one check for StorageClass parameters (CreateVolume, GetCapacity,
+/// ValidateVolumeCapabilities), volume context and mount options (NodeStageVolume). The message
+/// names the key, the value and what is accepted.
 fn check_value(key: &str, kind: Kind, v: &str) -> Result<(), String> {
+    fn parses<T: FromStr<Err = ConfigError>>(v: &str) -> Result<(), String> {
+        v.parse::<T>().map(drop).map_err(|e| e.0)
+    }
     let ok = match kind {
-        Kind::Id => v.parse::<u32>().map(|_| ()).map_err(|_| "expected a number".to_owned()),
-        Kind::Mode => v.parse::<Mode>().map(|_| ()).map_err(|e| e.0),
-        Kind::Size => v.parse::<ByteSize>().map(|_| ()).map_err(|e| e.0),
-        Kind::Seconds => match v.parse::<f64>() {
-            Ok(s) if s.is_finite() && s >= 0.0 => Ok(()),
-            _ => Err("expected seconds >= 0".to_owned()),
-        },
-        Kind::StallLimit => match v.parse::<u64>() {
-            Ok(s) if (3..=86_400).contains(&s) => Ok(()),
-            _ => Err("expected whole seconds from 3 to 86400".to_owned()),
-        },
+        Kind::Id => v.parse::<u32>().map(drop).map_err(|_| format!("expected a number from 0 to {}", u32::MAX)),
+        Kind::Mode => parses::<Mode>(v),
+        Kind::Size => parses::<ByteSize>(v),
+        Kind::PartSize => parses::<PartSize>(v),
+        Kind::MemoryCacheSize => parses::<MemoryCacheSize>(v),
+        Kind::MetadataTtl => parses::<MetadataTtl>(v),
+        Kind::StallLimit => parses::<StallLimit>(v),
     };
     ok.map_err(|why| format!("invalid value {v:?} for option {key}: {why}"))
 }
@@ -524,10 +543,69 @@ mod tests {
     #[test_case("namePrefix", "UPPER", "invalid parameter namePrefix")]
     #[test_case("s3Timeout", "1.5", "expected whole seconds from 3 to 86400")]
     #[test_case("s3Timeout", "2", "invalid value \"2\" for option s3Timeout")]
+    #[test_case(
+        "partSize",
+        "1MiB",
+        "invalid value \"1MiB\" for option partSize: invalid part size \"1MiB\": expected 5MiB to 5GiB"
+    )]
+    #[test_case("partSize", "6GiB", "expected 5MiB to 5GiB")]
+    #[test_case("partSize", "eight", "invalid value \"eight\" for option partSize: invalid size")]
+    #[test_case("memoryCacheSize", "512KiB", "invalid value \"512KiB\" for option memoryCacheSize")]
+    #[test_case("memoryCacheSize", "lots", "expected e.g. 1048576, 512MiB, 10GiB")]
+    #[test_case("diskCacheSize", "10 gigs", "invalid value \"10 gigs\" for option diskCacheSize")]
+    #[test_case("writeBufferSize", "-1", "invalid value \"-1\" for option writeBufferSize")]
+    #[test_case("maxStagingSize", "4GiBs", "invalid value \"4GiBs\" for option maxStagingSize")]
+    #[test_case("metadataTtl", "1e9", "expected seconds from 0 to below 1000000000")]
+    #[test_case("metadataTtl", "NaN", "invalid value \"NaN\" for option metadataTtl")]
+    #[test_case("readOnly", "yes", "invalid value \"yes\" for option readOnly: expected true or false")]
+    #[test_case("gid", "4294967296", "expected a number from 0 to 4294967295")]
+    #[test_case("dirMode", "rwxr-xr-x", "invalid value \"rwxr-xr-x\" for option dirMode: invalid mode")]
+    #[test_case("prefix", "/abs", "invalid prefix \"/abs\"")]
     fn bad_params_name_the_key(k: &str, v: &str, want: &str) {
         let params = HashMap::from([(k.to_owned(), v.to_owned())]);
         let err = CreateParams::parse(&params).unwrap_err();
         assert!(err.contains(want), "{err}");
+        // NodeStageVolume refuses the same value with the same message.
+        if ![PARAM_BUCKET, PARAM_NAME_PREFIX, PARAM_ON_DELETE].contains(&k) {
+            assert_eq!(MountOptions::build(&params, &[], None).unwrap_err(), err);
+        }
+    }
+
+    /// CreateVolume and NodeStageVolume (volume context and mount options) accept the same values.
+    #[test_case("partSize", "part-size", &["5MiB", "5GiB", "8 MiB", "1MiB", "5242879", "5368709121", "x"])]
+    #[test_case("memoryCacheSize", "memory-cache-size", &["1MiB", "1048575", "0", "2GiB"])]
+    #[test_case("metadataTtl", "metadata-ttl", &["0", "0.25", "999999999", "1e9", "-0.5", "inf"])]
+    #[test_case("s3Timeout", "s3-timeout", &["3", "86400", "2", "86401", "60.0"])]
+    #[test_case("uid", "uid", &["0", "4294967295", "4294967296", "-1"])]
+    #[test_case("fileMode", "file-mode", &["0640", "7777", "10000", "9"])]
+    #[test_case("diskCacheSize", "max-cache-size", &["0", "1TiB", "1PiB"])]
+    fn every_entry_point_checks_alike(key: &str, flag: &str, values: &[&str]) {
+        for v in values {
+            let params = HashMap::from([(key.to_owned(), (*v).to_owned())]);
+            let create = CreateParams::parse(&params).is_ok();
+            let context = MountOptions::build(&params, &[], None).is_ok();
+            let mount_flag = MountOptions::build(&HashMap::new(), &[format!("{flag}={v}")], None).is_ok();
+            assert_eq!((create, context), (mount_flag, mount_flag), "{key}={v}");
+        }
+    }
+
+    #[test]
+    fn limits_are_accepted_and_passed_on() {
+        let params: HashMap<String, String> = [
+            ("partSize", "5MiB"),
+            ("memoryCacheSize", "1MiB"),
+            ("metadataTtl", "0"),
+            ("s3Timeout", "86400"),
+            ("csi.storage.k8s.io/pvc/name", "data"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+        let p = CreateParams::parse(&params).unwrap();
+        assert_eq!(p.context.len(), 4, "{p:?}");
+        let o = MountOptions::build(&p.context.clone().into_iter().collect(), &[], None).unwrap();
+        let args = o.mount_args("");
+        assert!(args.contains(&"--part-size=5MiB".to_owned()) && args.contains(&"--s3-timeout=86400".to_owned()));
     }
 
     #[test]
@@ -581,6 +659,9 @@ mod tests {
 
     #[test_case("storage.kubernetes.io/csiProvisionerIdentity", true)]
     #[test_case("csi.storage.k8s.io/ephemeral", true)]
+    #[test_case("csi.storage.k8s.io/provisioner-secret-name", true)]
+    #[test_case("csi.storage.k8s.io/fstype", true)]
+    #[test_case("csi.storage.k8s.io/", true)]
     #[test_case("example.com/uid", true)]
     #[test_case("uid", false)]
     #[test_case("colour", false)]
