@@ -856,7 +856,11 @@ fn run_op(op: &Op, root: &Path, pool: &mut Pool, durable: &dyn Fn(&str) -> Optio
 
 /// Whole contents of the file behind a descriptor.
 fn fd_contents(file: &File) -> Vec<u8> {
-    let len = file.metadata().expect("fstat a model descriptor").len();
+    let meta = file.metadata().expect("fstat a model descriptor");
+    if meta.is_dir() {
+        return Vec::new();
+    }
+    let len = meta.len();
     read_at_most(file, 0, len as usize).expect("read a model descriptor")
 }
 
@@ -1370,10 +1374,14 @@ impl Core {
         let dst = self.walk(to, false).await?;
         let s = src.attr.as_ref().ok_or(ENOENT)?;
         let under = |a: &str, b: &str| a.starts_with(&format!("{b}/"));
+        // The VFS order: a source above the target, then a target above the source, then kinds.
         if s.kind == Kind::Dir && under(&dst.path, &src.path) {
             return Err(Errno(libc::EINVAL));
         }
         if let Some(d) = &dst.attr {
+            if under(&src.path, &dst.path) {
+                return Err(Errno(libc::ENOTEMPTY));
+            }
             if d.ino == s.ino {
                 return Ok(());
             }
@@ -1382,17 +1390,8 @@ impl Core {
                 (true, false) => return Err(Errno(libc::ENOTDIR)),
                 _ => {}
             }
-            if under(&src.path, &dst.path) {
-                return Err(Errno(libc::ENOTEMPTY));
-            }
         }
         Ok(self.fs.rename(src.parent, &src.name, dst.parent, &dst.name, 0).await?)
-    }
-
-    /// The bytes S3 holds for `rel` (symlinks followed), for the fsync check.
-    async fn durable(&self, rel: &str) -> Option<Vec<u8>> {
-        let found = self.walk(rel, true).await.ok()?;
-        self.store.inner().data(&found.path).map(|b| b.to_vec())
     }
 
     fn slot(&self, i: usize) -> CoreSlot {
@@ -1437,11 +1436,13 @@ impl Core {
                 self.setattr(a.ino, None, SetAttr { size: Some(*len), ..Default::default() }).await?;
             }
             Op::Fsync { path, first, second } => {
+                // Where the bytes land, found before any fault can hide it.
+                let key = self.walk(path, true).await?.path;
                 let s = self.open(path, OpenMode::Write, true, false, false).await?;
                 let r = async {
                     self.write(s, Some(first.0), &first.1.bytes()).await?;
                     self.fs.flush(s.fh.expect("a file")).await?;
-                    let snapshot = self.durable(path).await.map(Content);
+                    let snapshot = self.store.inner().data(&key).map(|b| Content(b.to_vec()));
                     self.write(s, Some(second.0), &second.1.bytes()).await?;
                     Ok::<_, Errno>(snapshot)
                 }
@@ -1579,6 +1580,15 @@ fn runnable(op: &Op, pool: &Pool) -> bool {
 /// One core session without failures, every outcome as the model's (see [`agrees`]); panics
 /// at the first difference. Every operation run is appended to `log`.
 fn core_session(seed: u64, script: Script, log: &mut Vec<Op>) {
+    core_session_with(seed, script, log, Duration::from_secs(60));
+}
+
+/// [`core_session`] with metadata TTL zero: every lookup asks S3 again.
+fn core_session_no_ttl(seed: u64, script: Script, log: &mut Vec<Op>) {
+    core_session_with(seed, script, log, Duration::ZERO);
+}
+
+fn core_session_with(seed: u64, script: Script, log: &mut Vec<Op>, ttl: Duration) {
     let profile = Profile { backend: Backend::Fast, dir_ops: true, large_files: true };
     let model_dir = tempfile::Builder::new().prefix("s3csi-model-").tempdir().expect("tempdir for the model");
     let staging = tempfile::Builder::new().prefix("s3csi-staging-").tempdir().expect("tempdir for staging");
@@ -1586,7 +1596,7 @@ fn core_session(seed: u64, script: Script, log: &mut Vec<Op>) {
     let fake = Arc::new(FakeStore::new("model"));
     let store = Arc::new(FaultyStore::new(Arc::clone(&fake), seed));
     let rt = core_runtime();
-    let mut core = Core::new(Arc::clone(&store), staging.path(), Duration::from_secs(60));
+    let mut core = Core::new(Arc::clone(&store), staging.path(), ttl);
     let mut ops = OpGen { rng: StdRng::seed_from_u64(seed), profile };
     let mut history = History::new(seed);
     let mut counts = Counts::new();
@@ -1636,7 +1646,7 @@ fn core_session(seed: u64, script: Script, log: &mut Vec<Op>) {
     });
     assert_eq!(fake.pending_uploads(), 0, "{}: multipart uploads left open", history.ctx("core model", steps));
     // A new filesystem over the same bucket: what persists (contents, modes, mtimes, links).
-    let mut fresh = Core::new(Arc::clone(&store), staging.path(), Duration::from_secs(60));
+    let mut fresh = Core::new(Arc::clone(&store), staging.path(), ttl);
     rt.block_on(compare_core_tree(&mut fresh, &model, &|| history.ctx("core model, fresh filesystem", steps)));
     if matches!(script, Script::Generate(_)) {
         eprintln!("{steps} core steps in {:?}; per op (run, succeeded): {counts:?}", started.elapsed());
@@ -1681,8 +1691,8 @@ fn replay_fails(session: fn(u64, Script, &mut Vec<Op>), seed: u64, ops: &[Op]) -
 /// then single steps, while the failure stays (bounded by `budget`).
 fn shrink(session: fn(u64, Script, &mut Vec<Op>), seed: u64, ops: Vec<Op>, kind: &str, budget: Duration) -> Vec<Op> {
     let started = Instant::now();
-    let hook = std::panic::take_hook();
-    std::panic::set_hook(Box::new(|_| {}));
+    quiet_panics_while_shrinking();
+    SHRINKING.with(|s| s.set(true));
     let mut ops = ops;
     let mut chunk = ops.len() / 2;
     while chunk >= 1 && started.elapsed() < budget {
@@ -1698,8 +1708,26 @@ fn shrink(session: fn(u64, Script, &mut Vec<Op>), seed: u64, ops: Vec<Op>, kind:
         }
         chunk /= 2;
     }
-    std::panic::set_hook(hook);
+    SHRINKING.with(|s| s.set(false));
     ops
+}
+
+thread_local! {
+    /// Set while this thread replays candidates: their panics are expected and not printed.
+    static SHRINKING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Installs (once) a panic hook that stays quiet on threads that are shrinking.
+fn quiet_panics_while_shrinking() {
+    static INSTALL: std::sync::Once = std::sync::Once::new();
+    INSTALL.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if !SHRINKING.with(|s| s.get()) {
+                previous(info);
+            }
+        }));
+    });
 }
 
 /// Runs a generated session; on failure prints a shrunk replay of it, then fails the same way.
@@ -1716,11 +1744,13 @@ fn run_and_shrink(session: fn(u64, Script, &mut Vec<Op>), seed: u64, steps: usiz
     std::panic::resume_unwind(payload);
 }
 
-#[test]
-fn core_operations_match_a_local_directory() {
+/// Once with the mount's caching of metadata, once asking S3 on every lookup.
+#[test_case(core_session; "metadata_ttl_60s")]
+#[test_case(core_session_no_ttl; "metadata_ttl_0")]
+fn core_operations_match_a_local_directory(session: fn(u64, Script, &mut Vec<Op>)) {
     let (seed, steps) = (seed(), steps(DEFAULT_CORE_STEPS));
     eprintln!("core model: seed {seed} ({steps} steps); replay with S3CSI_TEST_SEED={seed}");
-    run_and_shrink(core_session, seed, steps);
+    run_and_shrink(session, seed, steps);
 }
 
 // --- 3. The core with S3 failures ---
@@ -1917,7 +1947,7 @@ fn settle(
     // Failed aborts are retried in the background; give them their chance (with faults off).
     let waited = Instant::now();
     while core.store.inner().pending_uploads() > 0 && waited.elapsed() < ABORTS_SETTLE {
-        rt.block_on(tokio::time::sleep(Duration::from_millis(50)));
+        rt.block_on(async { tokio::time::sleep(Duration::from_millis(50)).await });
     }
     let notes = check_store(core.store.inner(), model, seen, ctx);
     model_from_store(core.store.inner(), model);
@@ -1965,13 +1995,13 @@ fn faulty_core_run(seed: u64, steps: usize) {
             seen.renamed(from, to);
         }
         seen.note(&model, true);
-        let faults = store.total_faults();
+        let faults = store.failures();
         history.push(format!("{step}: {op:?} -> model {on_model:?}, core {on_core:?} ({faults} faults so far)"));
         if agrees(&op, &on_core, &on_model, &model_pool) {
             note_snapshots(&mut model_pool);
             continue;
         }
-        // Only an error may differ, and only after a fault since the last check.
+        // Only an error may differ, and only after a failed or cut call since the last check.
         if on_core.is_ok() || faults == faults_at_check {
             panic!(
                 "core and local model differ{}\n{}\nop:    {op:?}\ncore:  {on_core:?}\nlocal: {on_model:?}\ninjected: {:?}",
@@ -1989,17 +2019,18 @@ fn faulty_core_run(seed: u64, steps: usize) {
             history.push(format!("settled after the failure: {}", notes.join("; ")));
         }
         settled += 1;
-        faults_at_check = store.total_faults();
+        faults_at_check = store.failures();
         add_fault_rules(&store);
     }
     store.clear();
     settle(&rt, &mut core, &model, &mut model_pool, &mut seen, &|| history.ctx("core model with failures, end", steps));
     rt.block_on(compare_core_tree(&mut core, &model, &|| history.ctx("core model with failures, end", steps)));
     eprintln!(
-        "{steps} core steps with failures in {:?}: {} faults injected, {failures} operations failed by them, {settled} \
-         checks; calls: {:?}; per op (run, succeeded on the model): {counts:?}",
+        "{steps} core steps with failures in {:?}: {} faults injected ({} failed or cut calls), {failures} \
+         operations failed by them, {settled} checks; calls: {:?}; per op (run, succeeded on the model): {counts:?}",
         started.elapsed(),
         store.total_faults(),
+        store.failures(),
         store.call_counts()
     );
 }
@@ -2016,6 +2047,7 @@ fn long_core_soak() {
     for seed in soak_seeds(seed(), per_seed, SOAK_OPS) {
         eprintln!("core model: seed {seed} ({per_seed} steps); replay with S3CSI_TEST_SEED={seed}");
         run_and_shrink(core_session, seed, per_seed);
+        run_and_shrink(core_session_no_ttl, seed, per_seed);
         faulty_core_run(seed, per_seed);
     }
 }
@@ -2104,6 +2136,7 @@ fn faulty_store_delays_calls_and_chance_is_reproducible_by_seed() {
         let t = Instant::now();
         assert!(store.list_page("", None, None, None).await.is_ok());
         assert!(t.elapsed() >= Duration::from_millis(200), "the call waited");
+        assert_eq!((store.total_faults(), store.failures()), (1, 0), "a delay is a fault but not a failure");
     });
     let pattern = |seed: u64| -> Vec<bool> {
         let fake = Arc::new(FakeStore::new("b"));

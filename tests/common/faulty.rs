@@ -250,6 +250,8 @@ struct State {
     rng: StdRng,
     calls: BTreeMap<CallKind, usize>,
     faults: BTreeMap<CallKind, usize>,
+    /// Calls failed or cut (not merely delayed).
+    failures: usize,
     injected: Vec<Injected>,
 }
 
@@ -284,6 +286,7 @@ impl<S: ObjectStore> FaultyStore<S> {
                 rng: StdRng::seed_from_u64(seed),
                 calls: BTreeMap::new(),
                 faults: BTreeMap::new(),
+                failures: 0,
                 injected: Vec::new(),
             }),
         }
@@ -316,6 +319,11 @@ impl<S: ObjectStore> FaultyStore<S> {
     /// Faults injected so far, all kinds.
     pub fn total_faults(&self) -> usize {
         self.state.lock().unwrap().faults.values().sum()
+    }
+
+    /// Calls failed or cut so far (delays not counted): what can make an operation fail.
+    pub fn failures(&self) -> usize {
+        self.state.lock().unwrap().failures
     }
 
     /// Calls per kind so far.
@@ -353,7 +361,16 @@ impl<S: ObjectStore> FaultyStore<S> {
             }
         }
         let Some(fault) = chosen else { return Decision::Pass };
+        let fault = match fault {
+            Fault::Fail(S3Error::Service { status, code, message, .. }) => {
+                Fault::Fail(S3Error::Service { operation: kind.operation(), status, code, message })
+            }
+            other => other,
+        };
         *state.faults.entry(kind).or_default() += 1;
+        if !matches!(fault, Fault::Delay(_)) {
+            state.failures += 1;
+        }
         let described = match &fault {
             Fault::Fail(e) => format!("fail: {e}"),
             Fault::Delay(d) => format!("delay {d:?}"),
@@ -361,9 +378,6 @@ impl<S: ObjectStore> FaultyStore<S> {
         };
         state.injected.push(Injected { kind, key: key.to_owned(), fault: described });
         match fault {
-            Fault::Fail(S3Error::Service { status, code, message, .. }) => {
-                Decision::Fail(S3Error::Service { operation: kind.operation(), status, code, message })
-            }
             Fault::Fail(e) => Decision::Fail(e),
             Fault::Delay(d) => Decision::Delay(d),
             Fault::Cut => Decision::Cut,
