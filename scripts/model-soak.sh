@@ -14,6 +14,7 @@ steps=${STEPS:-2000}
 seed=${FIRST_SEED:-1}
 filter=${FILTER:-}
 log_dir=${LOG_DIR:-$(mktemp -d -t s3csi-soak-XXXXXX)}
+mkdir -p "$log_dir"
 cd "$(dirname "$0")/.."
 
 cargo test --release --test model --no-run >/dev/null 2>&1 || {
@@ -48,7 +49,7 @@ echo "=== $done_ops operations, $((passed + ${#failed[@]})) seeds: $passed passe
 for s in "${failed[@]}"; do
     log="$log_dir/seed-$s.log"
     echo
-    echo "--- seed $s (replay: S3CSI_TEST_SEED=$s S3CSI_TEST_STEPS=$steps cargo test --release --test model) ---"
+    echo "--- seed $s (replay: S3CSI_TEST_SEED=$s S3CSI_TEST_STEPS=$steps cargo test --release --test model -- $filter) ---"
     grep -m3 -A1 "panicked at" "$log" | grep -v 'panicked at' | head -3
     sed -n '/^--- shrunk to/,/^$/p' "$log" | head -40
 done
