@@ -2020,6 +2020,14 @@ fn faulty_core_run(seed: u64, steps: usize) {
         if let Op::Rename { from, to } = &op {
             seen.renamed(from, to);
         }
+        // fsync commits in the middle of its step: what it made durable is a boundary too.
+        if let (Op::Fsync { path, .. }, Ok(Done::Durable(Some(Content(bytes))))) = (&op, &on_model)
+            && let Ok(real) = std::fs::canonicalize(model.join(path))
+            && let Ok(rel) = real.strip_prefix(model.canonicalize().expect("canonical model root"))
+        {
+            let rel = rel.to_string_lossy().into_owned();
+            seen.paths.entry(rel).or_default().insert(sha256(bytes));
+        }
         seen.note(&model, true);
         let faults = store.failures();
         history.push(format!("{step}: {op:?} -> model {on_model:?}, core {on_core:?} ({faults} faults so far)"));
