@@ -1060,3 +1060,6 @@ pub fn metric_sum(text: &str, name: &str, labels: &[&str]) -> f64 {
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
 }
+
+/// Failure injection around any `ObjectStore`, for tests of the filesystem core.
+pub mod faulty;
