@@ -989,7 +989,7 @@ impl History {
 
     fn push(&mut self, line: String) {
         self.lines.push_back(line);
-        if self.lines.len() > 40 {
+        if self.lines.len() > 2000 {
             self.lines.pop_front();
         }
     }
@@ -1860,8 +1860,19 @@ impl Seen {
 /// path had at an operation boundary since the last check (never a mix), every model file that
 /// cannot be absent is there, and no multipart upload is open. Returns a description of what
 /// differs from the model (files that took their old content or vanished), for the log.
-fn check_store(fake: &FakeStore, model: &Path, seen: &Seen, ctx: &dyn Fn() -> String) -> Vec<String> {
-    assert_eq!(fake.pending_uploads(), 0, "{}: multipart uploads left open after every handle closed", ctx());
+fn check_store(
+    fake: &FakeStore,
+    model: &Path,
+    seen: &Seen,
+    unknowable: usize,
+    ctx: &dyn Fn() -> String,
+) -> Vec<String> {
+    assert!(
+        fake.pending_uploads() <= unknowable,
+        "{}: {} multipart uploads left open after every handle closed ({unknowable} made by cut creates)",
+        ctx(),
+        fake.pending_uploads()
+    );
     let mut notes = Vec::new();
     let keys: Vec<String> = fake.keys().into_iter().filter(|k| !is_record(k) && !k.ends_with('/')).collect();
     let tree = scan(model);
@@ -1971,11 +1982,19 @@ fn settle(
     core.pool.iter_mut().for_each(|s| *s = None);
     seen.note(model, true);
     // Failed aborts are retried in the background; give them their chance (with faults off).
+    // A CreateMultipartUpload whose reply was cut made an upload the client never learned the
+    // id of: nothing can abort it but a bucket lifecycle rule (as with any S3 client).
+    let unknowable = core
+        .store
+        .injected()
+        .iter()
+        .filter(|i| i.kind == CallKind::CreateMultipart && i.fault.starts_with("cut"))
+        .count();
     let waited = Instant::now();
-    while core.store.inner().pending_uploads() > 0 && waited.elapsed() < ABORTS_SETTLE {
+    while core.store.inner().pending_uploads() > unknowable && waited.elapsed() < ABORTS_SETTLE {
         rt.block_on(async { tokio::time::sleep(Duration::from_millis(50)).await });
     }
-    let notes = check_store(core.store.inner(), model, seen, ctx);
+    let notes = check_store(core.store.inner(), model, seen, unknowable, ctx);
     model_from_store(core.store.inner(), model);
     seen.reset(model);
     notes

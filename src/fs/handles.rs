@@ -131,7 +131,15 @@ impl<S: ObjectStore> S3Fs<S> {
             return Ok(state);
         }
         let state = if truncate {
-            OpenState::new_empty(inode.stat().attrs, false)
+            // The new content keeps the file's attributes: known from a HEAD (or a record that
+            // vouches for them) within the TTL, else asked for now.
+            let stat = inode.stat();
+            let attrs = if stat.from_head && self.fresh(&stat) {
+                stat.attrs
+            } else {
+                stat_from_meta(&self.head(inode).await?).attrs
+            };
+            OpenState::new_empty(attrs, false)
         } else {
             let meta = self.head(inode).await?;
             let stat = stat_from_meta(&meta);
@@ -143,8 +151,25 @@ impl<S: ObjectStore> S3Fs<S> {
                 stat.mtime,
             )
         };
-        let mut slot = inode.open.lock().unwrap();
-        Ok(Arc::clone(slot.get_or_insert(state)))
+        let state = Arc::clone(inode.open.lock().unwrap().get_or_insert(state));
+        self.adopt(inode.ino, &state);
+        Ok(state)
+    }
+
+    /// Points the read-only handles of `ino` at its new write state, so they read what this
+    /// mount writes (as on a local filesystem), also after the state is committed and detached.
+    /// Handles of a file unlinked or replaced meanwhile keep what they read.
+    fn adopt(&self, ino: u64, state: &Arc<OpenState>) {
+        for handle in self.files.lock().unwrap().values().filter(|h| h.ino == ino && !h.writable) {
+            let mut source = handle.source.lock().unwrap();
+            let stale = match &*source {
+                HandleSource::Object(..) => true,
+                HandleSource::State(own) => !own.is_unlinked() && !Arc::ptr_eq(own, state),
+            };
+            if stale {
+                *source = HandleSource::State(Arc::clone(state));
+            }
+        }
     }
 
     /// Opens a file. Read-only opens always ask S3 for the current object, so a reopened file
@@ -199,6 +224,7 @@ impl<S: ObjectStore> S3Fs<S> {
         if let Some(old) = inode.open.lock().unwrap().replace(Arc::clone(&state)) {
             old.mark_unlinked();
         }
+        self.adopt(inode.ino, &state);
         let fh = self.new_handle(FileHandle::new(inode.ino, true, HandleSource::State(state)));
         Ok((self.attr(&inode), fh))
     }
@@ -245,7 +271,12 @@ impl<S: ObjectStore> S3Fs<S> {
         if offset >= end {
             return Ok(Vec::new());
         }
-        Ok(self.fetcher.read(&object, obj_size, offset..end, access).await?)
+        match self.fetcher.read(&object, obj_size, offset..end, access).await {
+            Ok(parts) => Ok(parts),
+            // The version this handle opened was deleted: like a replaced one, it is stale.
+            Err(S3Error::NotFound(_)) => Err(FsError::ObjectChanged),
+            Err(e) => Err(e.into()),
+        }
     }
 
     pub async fn write(&self, fh: u64, offset: u64, data: &[u8]) -> Result<u32, FsError> {

@@ -19,10 +19,10 @@
 //! 1. `OpenState::file` (a tokio mutex, the only lock held across an `await`: it serializes a
 //!    file's writes, truncates and commits; while holding it only the state's own `mtime` lock
 //!    is taken, never an inode's or a handle's).
-//! 2. `FileHandle::source`, then the inode's `open` slot (a read picks up the file's current
-//!    write state).
+//! 2. `S3Fs::files`, then a handle's `source`, then the inode's `open` slot (a new write state
+//!    reaches the file's readers; a read picks up the file's current write state).
 //! 3. `InodeTable::tables`, then an inode's `loc`, `lookups` or `open` (forget, key, rename).
-//! 4. Leaves, taken alone and released at once: an inode's `stat`, `S3Fs::files`/`dirs`,
+//! 4. Leaves, taken alone and released at once: an inode's `stat`, `S3Fs::dirs`,
 //!    `FileHandle::pattern`, `OpenState`'s `mtime`.
 //!
 //! Every std mutex is released before any `await`.

@@ -107,7 +107,9 @@ impl<S: ObjectStore> S3Fs<S> {
         let existing = self.inodes.child(dir.ino, name);
         if let Some(child) = &existing {
             let stat = child.stat();
-            let pending = child.open_state().is_some_and(|s| s.is_pending());
+            // Open for writing here (created or not): this mount's view of it is the truth until
+            // it is committed and closed (its size, mode and times change locally first).
+            let pending = child.open_state().is_some_and(|s| !s.is_unlinked());
             let local = child.local_dir.load(Ordering::Relaxed);
             if pending || local || (self.fresh(&stat) && stat.from_head) {
                 return Ok(self.inodes.upsert(dir, name, child.kind, stat, lookup));
@@ -311,7 +313,7 @@ impl<S: ObjectStore> S3Fs<S> {
         }
         let state = inode.open_state();
         if let Some(state) = &state {
-            state.unlink().await;
+            state.unlink(&self.writes, &self.inodes.key(&inode)).await;
         }
         if let Err(e) = self.store.delete_object(&self.inodes.key(&inode)).await {
             if let Some(state) = &state {
@@ -392,13 +394,13 @@ impl<S: ObjectStore> S3Fs<S> {
         }
         // A file replaced by the rename stops committing first (and any commit in flight ends),
         // so no commit of it lands over the renamed file.
-        let replaced = target.as_ref().and_then(|t| t.open_state());
-        if let Some(state) = &replaced {
-            state.unlink().await;
+        let replaced = target.as_ref().and_then(|t| t.open_state().map(|s| (self.inodes.key(t), s)));
+        if let Some((key, state)) = &replaced {
+            state.unlink(&self.writes, key).await;
         }
         let result = self.rename_keys(&src, target.as_ref(), parent, name, newparent, newname, &new_key_base).await;
         if let Err(e) = result {
-            if let Some(state) = &replaced {
+            if let Some((_, state)) = &replaced {
                 state.relink();
             }
             return Err(e);
@@ -542,6 +544,9 @@ impl<S: ObjectStore> S3Fs<S> {
 
     pub(super) async fn list_dir(&self, dir: &Arc<Inode>) -> Result<Vec<DirEntry>, FsError> {
         let dir_key = self.inodes.key(dir);
+        // Files not yet in S3, taken before the LIST starts: one committed while the LIST runs
+        // may be missing from its pages, but not from both.
+        let pending = self.inodes.pending_children(dir.ino);
         // The record (one GET) comes beside the LIST pages.
         let (record, names) = tokio::join!(self.records.load(&dir_key), self.list_names(&dir_key));
         let mut names = names?;
@@ -554,7 +559,7 @@ impl<S: ObjectStore> S3Fs<S> {
             stat.validated_at = listed_at;
             self.apply_record(record.as_ref(), name, kind, stat);
         }
-        for child in self.inodes.pending_children(dir.ino) {
+        for child in pending {
             names.entry(child.name()).or_insert((child.kind, None));
         }
         let mut entries = Vec::with_capacity(names.len());
@@ -575,7 +580,9 @@ impl<S: ObjectStore> S3Fs<S> {
 
     /// Whether `known` (in memory) is as good as `listed` (from a listing and the record).
     pub(super) fn known_as_well(&self, known: &Stat, listed: &Stat) -> bool {
-        self.fresh(known) && known.from_head && known.etag == listed.etag && known.size == listed.size
+        // A server that omits ETags from listings (s3s-fs) vouches for nothing but the size.
+        let same_etag = listed.etag.is_none() || known.etag == listed.etag;
+        self.fresh(known) && known.from_head && same_etag && known.size == listed.size
     }
 
     /// Every name directly under `dir_key`: directories (common prefixes; they win over an

@@ -262,9 +262,19 @@ impl OpenState {
 
     /// Marks the file unlinked (nothing commits it any more) and waits for a commit already in
     /// flight, so none lands after the unlink or rename that follows.
-    pub async fn unlink(&self) {
+    ///
+    /// As on a local filesystem, the file's bytes stay readable through the handles open on it:
+    /// what still lives in S3 is copied to the staging area first (when the staging budget
+    /// allows; otherwise those reads fail with `ESTALE`, logged).
+    pub async fn unlink<S: ObjectStore>(&self, ctx: &WriteCtx<S>, key: &str) {
         self.mark_unlinked();
-        drop(self.file.lock().await);
+        let mut f = self.file.lock().await;
+        if let Body::Staged(sg) = &mut f.body
+            && let Err(e) = sg.localize(&ctx.fetcher, self.size(), key).await
+        {
+            tracing::warn!(key, error = %e, "cannot keep the bytes of a file unlinked while open; \
+                reads through its open descriptors will fail");
+        }
     }
 
     /// Undoes [`OpenState::unlink`] when the unlink or rename failed: the file is still there.

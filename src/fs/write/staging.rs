@@ -90,6 +90,9 @@ impl RangeSet {
     }
 }
 
+/// Bytes copied per step when a body's remote ranges move to the staging file.
+const LOCALIZE_CHUNK: u64 = 8 << 20;
+
 /// The staging area: sparse files under one directory, bounded by bytes written locally.
 #[derive(Debug)]
 pub struct Staging {
@@ -299,7 +302,12 @@ impl Staged {
                 let source = self.source.as_ref().expect("remote_end > 0 implies a source");
                 let to = piece.end.min(remote_end);
                 let access = Access::Sequential { prefetch: 0 };
-                out.extend(fetcher.read(&source.object, source.full, piece.start..to, access).await?);
+                // The version this body was based on is gone (deleted or replaced elsewhere).
+                let read = fetcher.read(&source.object, source.full, piece.start..to, access).await;
+                out.extend(read.map_err(|e| match e {
+                    crate::s3::S3Error::NotFound(_) => FsError::ObjectChanged,
+                    e => e.into(),
+                })?);
                 if to < piece.end {
                     out.push(Bytes::from(vec![0u8; (piece.end - to) as usize]));
                 }
@@ -308,6 +316,32 @@ impl Staged {
             }
         }
         Ok(out)
+    }
+
+    /// Copies every byte still read from the source object into the staging file, so the body
+    /// no longer needs the source (which is about to be deleted).
+    pub async fn localize<S: ObjectStore>(
+        &mut self,
+        fetcher: &Arc<Fetcher<S>>,
+        size: u64,
+        key: &str,
+    ) -> Result<(), FsError> {
+        let Some(source) = self.source.clone() else { return Ok(()) };
+        let remote_end = source.remote.min(size);
+        let missing: Vec<Range<u64>> =
+            self.local.split(0..remote_end).into_iter().filter(|(_, local)| !local).map(|(r, _)| r).collect();
+        for piece in missing {
+            let mut pos = piece.start;
+            while pos < piece.end {
+                let to = (pos + LOCALIZE_CHUNK).min(piece.end);
+                let access = Access::Sequential { prefetch: 0 };
+                let data = fetcher.read(&source.object, source.full, pos..to, access).await?.concat();
+                self.write(key, pos, &data).await?;
+                pos = to;
+            }
+        }
+        self.source = None;
+        Ok(())
     }
 
     /// Drops the local data (after a commit, or when the body is replaced); `source` becomes
