@@ -2,7 +2,6 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
 
 /// jemalloc rather than glibc malloc: the mount allocates and frees 1 MiB blocks and multi-MiB
 /// parts from several threads, which glibc's per-thread arenas keep resident long after they
@@ -12,7 +11,8 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 use clap::{Args, Parser, Subcommand};
 use s3csi::config::{
-    BucketName, ByteSize, CacheConfig, FsConfig, Mode, MountConfig, Ownership, Prefix, S3Config, Timeouts,
+    BucketName, ByteSize, CacheConfig, FsConfig, MemoryCacheSize, MetadataTtl, Mode, MountConfig, Ownership, PartSize,
+    Prefix, S3Config, StallLimit, Timeouts,
 };
 use s3csi::csi::{CsiConfig, ServiceMode};
 use s3csi::daemon;
@@ -25,6 +25,9 @@ use tracing_subscriber::EnvFilter;
 const DEFAULT_MEMORY_CACHE: &str = "256MiB";
 /// Default bound of the disk tier when `--cache-dir` is given without `--max-cache-size`.
 const DEFAULT_DISK_CACHE: &str = "1GiB";
+
+/// `--s3-timeout`'s default, as clap takes it.
+const DEFAULT_S3_TIMEOUT_SECS: &str = "60";
 
 #[derive(Parser, Debug)]
 #[command(name = "s3csi", version, about = "Mount S3 buckets with FUSE; Kubernetes CSI driver for S3")]
@@ -131,13 +134,13 @@ struct MountArgs {
     max_cache_size: ByteSize,
     /// Upper bound of the in-memory block cache, e.g. 512MiB.
     #[arg(long, value_name = "SIZE", default_value = DEFAULT_MEMORY_CACHE)]
-    memory_cache_size: ByteSize,
+    memory_cache_size: MemoryCacheSize,
     /// How long file and directory metadata is cached; opening a file always checks S3.
     #[arg(long, value_name = "SECONDS", default_value = "1")]
-    metadata_ttl: f64,
+    metadata_ttl: MetadataTtl,
     /// Multipart part size for uploads (at least 5MiB); grows automatically for huge files.
     #[arg(long, value_name = "SIZE", default_value = "8MiB")]
-    part_size: ByteSize,
+    part_size: PartSize,
     /// Memory for part uploads in flight, across all files being written.
     #[arg(long, value_name = "SIZE", default_value = "64MiB")]
     write_buffer_size: ByteSize,
@@ -148,8 +151,8 @@ struct MountArgs {
     /// Stall limit for S3, in seconds: a read whose GETs receive nothing for this long, and any
     /// S3 request unanswered this long (retries included), fails with EIO. Each attempt may
     /// wait a third of it; uploads get extra time for their body.
-    #[arg(long, value_name = "SECONDS", default_value_t = s3csi::config::DEFAULT_S3_TIMEOUT.as_secs())]
-    s3_timeout: u64,
+    #[arg(long, value_name = "SECONDS", default_value = DEFAULT_S3_TIMEOUT_SECS)]
+    s3_timeout: StallLimit,
     /// Stay in the foreground (logs go to stderr; SIGTERM/SIGINT unmount).
     #[arg(long)]
     foreground: bool,
@@ -163,18 +166,8 @@ struct MountArgs {
 
 impl MountArgs {
     fn into_config(self) -> anyhow::Result<MountConfig> {
-        if !(self.metadata_ttl.is_finite() && self.metadata_ttl >= 0.0 && self.metadata_ttl < 1e9) {
-            anyhow::bail!("invalid --metadata-ttl {}: expected a number of seconds >= 0", self.metadata_ttl);
-        }
-        if !(3..=86_400).contains(&self.s3_timeout) {
-            anyhow::bail!("invalid --s3-timeout {}: expected 3 to 86400 seconds", self.s3_timeout);
-        }
-        if self.memory_cache_size.0 < (1 << 20) {
-            anyhow::bail!("--memory-cache-size must be at least 1MiB (one cache block)");
-        }
-        if self.part_size.0 < s3csi::fs::write::MIN_PART_SIZE || self.part_size.0 > (5 << 30) {
-            anyhow::bail!("--part-size must be between 5MiB and 5GiB (S3 multipart limits)");
-        }
+        // Value ranges are checked while parsing, by the same types the CSI driver checks
+        // StorageClass parameters with.
         let staging_dir = match &self.cache_dir {
             Some(dir) => dir.join("s3csi-staging"),
             None => std::env::temp_dir().join(format!("s3csi-staging-{}", std::process::id())),
@@ -192,7 +185,7 @@ impl MountArgs {
                 force_path_style: self.force_path_style,
                 ca_bundle: self.ca_bundle,
                 credentials: None,
-                timeouts: Timeouts { stall: Duration::from_secs(self.s3_timeout) },
+                timeouts: Timeouts { stall: self.s3_timeout.0 },
             },
             fs: FsConfig {
                 prefix: self.prefix.unwrap_or_default(),
@@ -204,8 +197,8 @@ impl MountArgs {
                     dir_mode: self.dir_mode.0,
                     group_forced: self.gid.is_some(),
                 },
-                metadata_ttl: Duration::from_secs_f64(self.metadata_ttl),
-                stall_limit: Duration::from_secs(self.s3_timeout),
+                metadata_ttl: self.metadata_ttl.0,
+                stall_limit: self.s3_timeout.0,
                 max_gets: read_budget.max_gets,
                 write: WriteConfig {
                     part_size: self.part_size.0,
@@ -317,4 +310,15 @@ fn valid_driver_name(name: &str) -> bool {
         && b.iter().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-' || *c == b'.')
         && b[0].is_ascii_alphanumeric()
         && b[b.len() - 1].is_ascii_alphanumeric()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_s3_timeout_default_is_the_library_default() {
+        let parsed: StallLimit = DEFAULT_S3_TIMEOUT_SECS.parse().unwrap();
+        assert_eq!(parsed.0, s3csi::config::DEFAULT_S3_TIMEOUT);
+    }
 }
