@@ -78,7 +78,11 @@ put data/random-4MiB.bin "$work/random.bin"
 say "building s3csi: cargo build --release"
 command -v cargo >/dev/null 2>&1 || die "cargo is not installed (see https://rustup.rs)"
 (cd "$ROOT" && cargo build --release)
-S3CSI="$ROOT/target/release/s3csi"
+# Where cargo put it (CARGO_TARGET_DIR or build.target-dir move it out of ./target).
+target_dir=$(cd "$ROOT" && cargo metadata --format-version 1 --no-deps 2>/dev/null \
+    | python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])' 2>/dev/null) \
+    || target_dir="$ROOT/target"
+S3CSI="${target_dir:-$ROOT/target}/release/s3csi"
 
 mkdir -p "$MOUNTPOINT"
 MOUNTPOINT="$(cd "$MOUNTPOINT" && pwd -P)"

@@ -170,7 +170,8 @@ impl MountArgs {
         // StorageClass parameters with.
         let staging_dir = match &self.cache_dir {
             Some(dir) => dir.join("s3csi-staging"),
-            None => std::env::temp_dir().join(format!("s3csi-staging-{}", std::process::id())),
+            // An unpredictable name, so no other local user can plant a path there first.
+            None => std::env::temp_dir().join(format!("s3csi-staging-{}-{:016x}", std::process::id(), random_u64())),
         };
         // --memory-cache-size covers reads in flight too; the block cache gets the rest.
         let read_budget = ReadBudget::split(self.memory_cache_size.0);
@@ -310,6 +311,14 @@ fn valid_driver_name(name: &str) -> bool {
         && b.iter().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-' || *c == b'.')
         && b[0].is_ascii_alphanumeric()
         && b[b.len() - 1].is_ascii_alphanumeric()
+}
+
+/// A random number from the standard library's randomly seeded hasher (not for cryptography).
+fn random_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(std::process::id().into());
+    h.finish()
 }
 
 #[cfg(test)]

@@ -10,7 +10,7 @@ use bytes::Bytes;
 use super::attrs::stat_from_meta;
 use super::inode::{Inode, Kind, Stat};
 use super::prefetch::{self, Access, ReadPattern};
-use super::write::OpenState;
+use super::write::{self, OpenState};
 use super::{Attr, Caller, FsError, S3Fs};
 use crate::cache::BlockKey;
 use crate::s3::{ObjectId, ObjectMeta, ObjectStore, S3Error};
@@ -122,38 +122,14 @@ impl<S: ObjectStore> S3Fs<S> {
         }
     }
 
-    /// The write state of a file, creating it from S3 (or empty, for `truncate`) when needed.
-    pub(super) async fn open_state(&self, inode: &Inode, truncate: bool) -> Result<Arc<OpenState>, FsError> {
-        if let Some(state) = inode.open_state() {
-            if truncate {
-                state.truncate(&self.writes, &self.inodes.key(inode), 0).await?;
-            }
-            return Ok(state);
-        }
-        let state = if truncate {
-            // The new content keeps the file's attributes: known from a HEAD (or a record that
-            // vouches for them) within the TTL, else asked for now.
-            let stat = inode.stat();
-            let attrs = if stat.from_head && self.fresh(&stat) {
-                stat.attrs
-            } else {
-                stat_from_meta(&self.head(inode).await?).attrs
-            };
-            OpenState::new_empty(attrs, false)
-        } else {
-            let meta = self.head(inode).await?;
-            let stat = stat_from_meta(&meta);
-            OpenState::from_object(
-                &self.writes,
-                Arc::new(ObjectId::from_meta(&meta)),
-                meta.size,
-                stat.attrs,
-                stat.mtime,
-            )
-        };
-        let state = Arc::clone(inode.open.lock().unwrap().get_or_insert(state));
-        self.adopt(inode.ino, &state);
-        Ok(state)
+    /// One more writer on the file's write state, if it has one. The writer is added under the
+    /// inode's slot lock, so the last writer's `end_writing` cannot detach the state meanwhile.
+    pub(super) fn join_writing(&self, inode: &Inode) -> Option<Arc<OpenState>> {
+        let slot = inode.open.lock().unwrap();
+        slot.as_ref().map(|state| {
+            state.add_writer();
+            Arc::clone(state)
+        })
     }
 
     /// Points the read-only handles of `ino` at its new write state, so they read what this
@@ -259,7 +235,10 @@ impl<S: ObjectStore> S3Fs<S> {
         };
         let inode = self.inode(handle.ino)?;
         if let Some(state) = handle.read_state(&inode) {
-            return state.read(&self.writes, &self.inodes.key(&inode), offset, u64::from(size)).await;
+            let key = || self.inodes.key(&inode);
+            let read = state.read(&self.writes, &key, offset, u64::from(size)).await;
+            self.published(&inode, &state, state.take_committed());
+            return read;
         }
         let Some((object, obj_size)) = handle.object() else { return Ok(Vec::new()) };
         let end = offset.saturating_add(u64::from(size)).min(obj_size);
@@ -283,7 +262,10 @@ impl<S: ObjectStore> S3Fs<S> {
         let handle = self.handle(fh)?;
         let state = handle.write_state().ok_or(FsError::BadHandle)?;
         let inode = self.inode(handle.ino)?;
-        state.write(&self.writes, &self.inodes.key(&inode), offset, data).await?;
+        let key = || self.inodes.key(&inode);
+        let written = state.write(&self.writes, &key, offset, data).await;
+        self.published(&inode, &state, state.take_committed());
+        written?;
         Ok(data.len() as u32)
     }
 
@@ -303,8 +285,15 @@ impl<S: ObjectStore> S3Fs<S> {
     }
 
     pub(super) async fn commit(&self, inode: &Inode, state: &OpenState) -> Result<(), FsError> {
-        let key = self.inodes.key(inode);
-        if let Some((object, attrs)) = state.commit(&self.writes, &key).await? {
+        let key = || self.inodes.key(inode);
+        let committed = state.commit(&self.writes, &key).await?;
+        self.published(inode, state, committed);
+        Ok(())
+    }
+
+    /// Takes what a commit wrote into the inode and its directory's record.
+    pub(super) fn published(&self, inode: &Inode, state: &OpenState, committed: Option<write::Committed>) {
+        if let Some((object, attrs)) = committed {
             let mut stat = inode.stat();
             stat.size = state.size();
             stat.etag = Some(object.version.clone());
@@ -320,7 +309,6 @@ impl<S: ObjectStore> S3Fs<S> {
             stat.validated_at = Instant::now();
             inode.set_stat(stat);
         }
-        Ok(())
     }
 
     pub async fn release(&self, fh: u64) -> Result<(), FsError> {
@@ -333,16 +321,47 @@ impl<S: ObjectStore> S3Fs<S> {
     /// The file's write state, created (from S3, or empty to truncate) when needed, with one
     /// more writer. Every writer ends with [`S3Fs::end_writing`].
     pub(super) async fn begin_writing(&self, inode: &Inode, truncate: bool) -> Result<Arc<OpenState>, FsError> {
-        let state = self.open_state(inode, truncate).await?;
-        state.add_writer();
+        let state = match self.join_writing(inode) {
+            Some(state) => state,
+            None => {
+                let fresh = self.new_state(inode, truncate).await?;
+                let state = {
+                    let mut slot = inode.open.lock().unwrap();
+                    let state = Arc::clone(slot.get_or_insert(fresh));
+                    state.add_writer();
+                    state
+                };
+                self.adopt(inode.ino, &state);
+                state
+            }
+        };
         if truncate && state.size() != 0 {
-            // Another writer's state was picked up after the truncate (a race with its open).
-            if let Err(e) = state.truncate(&self.writes, &self.inodes.key(inode), 0).await {
+            let key = || self.inodes.key(inode);
+            if let Err(e) = state.truncate(&self.writes, &key, 0).await {
                 self.end_writing(inode, &state).await?;
                 return Err(e);
             }
         }
         Ok(state)
+    }
+
+    /// A new write state for `inode`: empty (to truncate) or over its current object.
+    async fn new_state(&self, inode: &Inode, truncate: bool) -> Result<Arc<OpenState>, FsError> {
+        if truncate {
+            // The new content keeps the file's attributes: known from a HEAD (or a record that
+            // vouches for them) within the TTL, else asked for now.
+            let stat = inode.stat();
+            let attrs = if stat.from_head && self.fresh(&stat) {
+                stat.attrs
+            } else {
+                stat_from_meta(&self.head(inode).await?).attrs
+            };
+            return Ok(OpenState::new_empty(attrs, false));
+        }
+        let meta = self.head(inode).await?;
+        let stat = stat_from_meta(&meta);
+        let object = Arc::new(ObjectId::from_meta(&meta));
+        Ok(OpenState::from_object(&self.writes, object, meta.size, stat.attrs, stat.mtime))
     }
 
     /// One writer is done: the last commits the file and detaches the state from the inode.
@@ -352,17 +371,24 @@ impl<S: ObjectStore> S3Fs<S> {
             return Ok(());
         }
         let result = self.commit(inode, state).await;
-        if state.writers() == 0 {
+        let detached = {
+            // Writers join under this lock: none can have joined once it shows none.
             let mut slot = inode.open.lock().unwrap();
-            if slot.as_ref().is_some_and(|s| Arc::ptr_eq(s, state)) {
+            let ours = slot.as_ref().is_some_and(|s| Arc::ptr_eq(s, state));
+            if ours && state.writers() == 0 {
                 *slot = None;
-                if state.is_unlinked() {
-                    // Never committed; readers still holding it see its size from here.
-                    let mut stat = inode.stat();
-                    (stat.size, stat.mtime) = (state.size(), state.mtime());
-                    inode.set_stat(stat);
-                }
             }
+            ours && slot.is_none()
+        };
+        if detached {
+            if state.is_unlinked() {
+                // Never committed; readers still holding it see its size from here.
+                let mut stat = inode.stat();
+                (stat.size, stat.mtime) = (state.size(), state.mtime());
+                inode.set_stat(stat);
+            }
+            // The kernel may have forgotten the inode while it was still being written.
+            self.inodes.forget(inode.ino, 0);
         }
         result
     }

@@ -17,8 +17,10 @@
 //! Lock order (locks further down the list are taken while holding ones above, never the other
 //! way round):
 //! 1. `OpenState::file` (a tokio mutex, the only lock held across an `await`: it serializes a
-//!    file's writes, truncates and commits; while holding it only the state's own `mtime` lock
-//!    is taken, never an inode's or a handle's).
+//!    file's writes, truncates and commits). A rename or an unlink holds it (`OpenState::hold`)
+//!    for every file it moves or removes, taken in inode order, across its S3 calls, and takes
+//!    the locks below meanwhile; everything else holds one at a time and takes only the state's
+//!    own `mtime`/`committed` locks under it.
 //! 2. `S3Fs::files`, then a handle's `source`, then the inode's `open` slot (a new write state
 //!    reaches the file's readers; a read picks up the file's current write state).
 //! 3. `InodeTable::tables`, then an inode's `loc`, `lookups` or `open` (forget, key, rename).
@@ -1014,5 +1016,125 @@ mod tests {
         fs.release(w).await.unwrap();
         assert_eq!(&store.data("f").unwrap()[..], b"other");
         assert_eq!(store.data("g"), None);
+    }
+
+    /// A streaming file whose move to the staging area fails (staging full) keeps its buffer:
+    /// the failed write changes nothing, and `close` commits what was written before it.
+    #[tokio::test]
+    async fn a_full_staging_area_never_loses_a_streamed_buffer() {
+        let store = Arc::new(FakeStore::new("b"));
+        let mut fs = fs_with(Arc::clone(&store), "", Duration::from_secs(60));
+        fs.writes.staging = write::Staging::new(tempfile::tempdir().unwrap().keep(), 10).unwrap().into();
+        let (_, fh) = fs.create(ROOT, ROOT_INO, "f", 0o644, libc::O_WRONLY).await.unwrap();
+        fs.write(fh, 0, &pattern(100, 1)).await.unwrap();
+        assert!(matches!(fs.write(fh, 0, b"x").await, Err(FsError::NoSpace)));
+        fs.release(fh).await.unwrap();
+        assert_eq!(store.data("f").unwrap(), pattern(100, 1));
+    }
+
+    /// An open with O_TRUNC while the last writer's `close` commits joins that state before
+    /// the commit ends, so the state is not detached under it and its write is what S3 holds.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_open_during_the_last_close_joins_the_state() {
+        let store = Arc::new(FakeStore::new("b"));
+        let fs = Arc::new(fs_with(Arc::clone(&store), "", Duration::from_secs(60)));
+        let (attr, w1) = fs.create(ROOT, ROOT_INO, "f", 0o644, libc::O_WRONLY).await.unwrap();
+        fs.write(w1, 0, b"hello").await.unwrap();
+        store.put_delay_ms.store(300, Ordering::Relaxed);
+        let closing = {
+            let fs = Arc::clone(&fs);
+            tokio::spawn(async move { fs.release(w1).await })
+        };
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let w2 = fs.open(attr.ino, libc::O_WRONLY | libc::O_TRUNC).await.unwrap();
+        fs.write(w2, 0, b"AB").await.unwrap();
+        closing.await.unwrap().unwrap();
+        let w3 = fs.open(attr.ino, libc::O_WRONLY).await.unwrap();
+        assert_eq!(fs.getattr(attr.ino).await.unwrap().size, 2, "the third writer shares the state");
+        store.put_delay_ms.store(0, Ordering::Relaxed);
+        fs.release(w2).await.unwrap();
+        fs.release(w3).await.unwrap();
+        assert_eq!(&store.data("f").unwrap()[..], b"AB");
+    }
+
+    /// A write and `fsync` during a rename of the file wait for the rename and land under the
+    /// new name, never under the old one.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_write_during_a_rename_lands_under_the_new_name() {
+        let store = Arc::new(FakeStore::new("b"));
+        store.put("a", &b"abc"[..]);
+        let fs = Arc::new(fs_with(Arc::clone(&store), "", Duration::from_secs(60)));
+        let ino = fs.lookup(ROOT_INO, "a").await.unwrap().ino;
+        let w = fs.open(ino, libc::O_WRONLY).await.unwrap();
+        store.copy_delay_ms.store(300, Ordering::Relaxed);
+        let renaming = {
+            let fs = Arc::clone(&fs);
+            tokio::spawn(async move { fs.rename(ROOT_INO, "a", ROOT_INO, "b", 0).await })
+        };
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        fs.write(w, 0, b"J").await.unwrap();
+        fs.flush(w).await.unwrap();
+        renaming.await.unwrap().unwrap();
+        store.copy_delay_ms.store(0, Ordering::Relaxed);
+        fs.release(w).await.unwrap();
+        assert_eq!(&store.data("b").unwrap()[..], b"Jbc");
+        assert_eq!(store.data("a"), None);
+    }
+
+    /// A read of a file that has streamed a part commits it on the way; the inode learns of that
+    /// commit, so the size is right after `close`.
+    #[tokio::test]
+    async fn a_commit_made_by_a_read_reaches_the_inode() {
+        let store = Arc::new(FakeStore::new("b"));
+        let fs = fs_with(Arc::clone(&store), "", Duration::from_secs(60));
+        let (attr, fh) = fs.create(ROOT, ROOT_INO, "f", 0o644, libc::O_RDWR).await.unwrap();
+        let data = pattern(6 << 20, 3);
+        fs.write(fh, 0, &data).await.unwrap();
+        assert_eq!(fs.read(fh, 0, 1).await.unwrap().concat(), data[..1]);
+        fs.release(fh).await.unwrap();
+        assert_eq!(fs.getattr(attr.ino).await.unwrap().size, data.len() as u64);
+        assert_eq!(fs.lookup(ROOT_INO, "f").await.unwrap().size, data.len() as u64);
+        assert_eq!(store.data("f").unwrap(), data);
+    }
+
+    /// A file committed empty by a FLUSH (a shell's `dup2` then `close`, `dd`) and then written
+    /// from its start streams again: it needs no staging space.
+    #[tokio::test]
+    async fn an_empty_committed_file_streams_again() {
+        let store = Arc::new(FakeStore::new("b"));
+        let mut fs = fs_with(Arc::clone(&store), "", Duration::from_secs(60));
+        fs.writes.staging = write::Staging::new(tempfile::tempdir().unwrap().keep(), 1 << 20).unwrap().into();
+        let (_, fh) = fs.create(ROOT, ROOT_INO, "f", 0o644, libc::O_WRONLY).await.unwrap();
+        fs.flush(fh).await.unwrap();
+        assert_eq!(store.data("f").unwrap().len(), 0);
+        let data = pattern(12 << 20, 4);
+        for (i, chunk) in data.chunks(1 << 20).enumerate() {
+            fs.write(fh, (i << 20) as u64, chunk).await.unwrap();
+        }
+        fs.release(fh).await.unwrap();
+        assert_eq!(store.data("f").unwrap(), data);
+        assert!(store.parts_uploaded.load(Ordering::Relaxed) >= 2, "streamed as a multipart upload");
+    }
+
+    /// Attribute changes not yet written to a directory's record follow the directory through
+    /// a rename, so the renamed directory lists them (after a remount too), not the defaults.
+    #[tokio::test]
+    async fn a_renamed_directory_keeps_the_attributes_of_its_entries() {
+        let store = Arc::new(FakeStore::new("b"));
+        let fs = fs_with(Arc::clone(&store), "", Duration::from_secs(60));
+        let d = fs.mkdir(ROOT, ROOT_INO, "d", 0o755).await.unwrap();
+        let (f, fh) = fs.create(ROOT, d.ino, "f", 0o644, libc::O_WRONLY).await.unwrap();
+        fs.write(fh, 0, b"secret").await.unwrap();
+        fs.release(fh).await.unwrap();
+        fs.setattr(ROOT, f.ino, None, SetAttr { mode: Some(0o600), ..Default::default() }).await.unwrap();
+        fs.rename(ROOT_INO, "d", ROOT_INO, "e", 0).await.unwrap();
+        fs.flush_records().await;
+        let fs2 = fs_with(Arc::clone(&store), "", Duration::from_secs(60));
+        let e = fs2.lookup(ROOT_INO, "e").await.unwrap();
+        let heads = store.heads.load(Ordering::Relaxed);
+        assert_eq!(names(&fs2, e.ino).await, ["f"]);
+        let f2 = fs2.lookup(e.ino, "f").await.unwrap();
+        assert_eq!(f2.perm, 0o600, "the mode stored before the rename");
+        assert_eq!(store.heads.load(Ordering::Relaxed), heads, "the record vouches for it: no HEAD");
     }
 }

@@ -13,7 +13,7 @@ use super::attrs::{StoredAttrs, kind_from_meta, stat_from_meta};
 use super::inode::{Inode, Kind, Stat};
 use super::prefetch::Access;
 use super::records::{self, DirRecord, dir_entry_name};
-use super::write::{self, OpenState};
+use super::write::{self, Held, OpenState};
 use super::{Attr, Caller, DirEntry, FsError, KEY_MAX, NAME_MAX, RENAME_CONCURRENCY, S_ISGID, S3Fs};
 use crate::s3::{ObjectId, ObjectMeta, ObjectStore, S3Error};
 
@@ -311,15 +311,20 @@ impl<S: ObjectStore> S3Fs<S> {
         if inode.kind == Kind::Dir {
             return Err(FsError::IsDir);
         }
+        // An open file's lock is held across the delete: a commit in flight ends first, none
+        // starts until the file is marked unlinked, and its bytes stay readable.
+        let key = self.inodes.key(&inode);
         let state = inode.open_state();
-        if let Some(state) = &state {
-            state.unlink(&self.writes, &self.inodes.key(&inode)).await;
+        let mut held = match &state {
+            Some(state) => Some(state.hold().await),
+            None => None,
+        };
+        if let Some(held) = &mut held {
+            held.keep_bytes(&self.writes, &key).await;
         }
-        if let Err(e) = self.store.delete_object(&self.inodes.key(&inode)).await {
-            if let Some(state) = &state {
-                state.relink();
-            }
-            return Err(e.into());
+        self.store.delete_object(&key).await?;
+        if let Some(held) = &held {
+            held.mark_unlinked();
         }
         self.note_entry(parent, name, inode.kind, None);
         self.inodes.unlink_name(parent, name);
@@ -392,18 +397,36 @@ impl<S: ObjectStore> S3Fs<S> {
                 _ => {}
             }
         }
-        // A file replaced by the rename stops committing first (and any commit in flight ends),
-        // so no commit of it lands over the renamed file.
-        let replaced = target.as_ref().and_then(|t| t.open_state().map(|s| (self.inodes.key(t), s)));
-        if let Some((key, state)) = &replaced {
-            state.unlink(&self.writes, key).await;
+        if src.kind == Kind::Dir && format!("{new_key_base}/").starts_with(&self.inodes.key(&src)) {
+            return Err(FsError::Invalid("cannot move a directory into itself"));
         }
-        let result = self.rename_keys(&src, target.as_ref(), parent, name, newparent, newname, &new_key_base).await;
-        if let Err(e) = result {
-            if let Some((_, state)) = &replaced {
-                state.relink();
-            }
-            return Err(e);
+        // The files the rename moves or replaces are locked (in inode order) across all of it:
+        // no write, truncate or commit of them runs until their keys are the new ones, and a
+        // replaced file is marked unlinked before its lock is released.
+        let mut open = match src.kind {
+            Kind::Dir => self.open_files_under(&self.inodes.key(&src)),
+            _ => src.open_state().map(|s| (Arc::clone(&src), s)).into_iter().collect(),
+        };
+        let target_state = target.as_ref().and_then(|t| t.open_state().map(|s| (Arc::clone(t), s)));
+        open.extend(target_state.clone());
+        open.sort_by_key(|(inode, _)| inode.ino);
+        let mut held = Vec::with_capacity(open.len());
+        for (inode, state) in &open {
+            held.push((Arc::clone(inode), state.hold().await));
+        }
+        if let Some((t, _)) = &target_state
+            && let Some((_, h)) = held.iter_mut().find(|(i, _)| i.ino == t.ino)
+        {
+            // Before the rename's copy overwrites the object it still reads from.
+            h.keep_bytes(&self.writes, &self.inodes.key(t)).await;
+        }
+        let moving: Vec<&mut (Arc<Inode>, Held<'_>)> =
+            held.iter_mut().filter(|(i, _)| target_state.as_ref().is_none_or(|(t, _)| t.ino != i.ino)).collect();
+        self.rename_keys(&src, target.as_ref(), moving, parent, name, newparent, newname, &new_key_base).await?;
+        if let Some((t, _)) = &target_state
+            && let Some((_, h)) = held.iter().find(|(i, _)| i.ino == t.ino)
+        {
+            h.mark_unlinked();
         }
         if target.is_some() {
             self.inodes.unlink_name(newparent, newname);
@@ -418,6 +441,7 @@ impl<S: ObjectStore> S3Fs<S> {
         &self,
         src: &Inode,
         target: Option<&Arc<Inode>>,
+        mut moving: Vec<&mut (Arc<Inode>, Held<'_>)>,
         parent: u64,
         name: &str,
         newparent: u64,
@@ -427,9 +451,6 @@ impl<S: ObjectStore> S3Fs<S> {
         if src.kind == Kind::Dir {
             let new_prefix = format!("{new_key_base}/");
             let old_prefix = self.inodes.key(src);
-            if new_prefix.starts_with(&old_prefix) {
-                return Err(FsError::Invalid("cannot move a directory into itself"));
-            }
             if let Some(t) = target {
                 let key = self.inodes.key(t);
                 self.records.delete(&key).await?;
@@ -437,27 +458,35 @@ impl<S: ObjectStore> S3Fs<S> {
             }
             // Files open for writing under it commit first (as a file rename does), so the
             // copies carry what they hold; afterwards they write on under the new keys.
-            let open = self.open_files_under(&old_prefix);
-            for (inode, state) in &open {
-                self.commit(inode, state).await?;
+            for (inode, held) in moving.iter_mut() {
+                let committed = held.commit(&self.writes, &self.inodes.key(inode)).await?;
+                if let Some(state) = inode.open_state() {
+                    self.published(inode, &state, committed);
+                }
             }
             let moved = {
                 let _no_flush = self.records.exclusive().await;
-                self.records.forget_dir(&old_prefix);
-                self.rename_dir(&old_prefix, &new_prefix).await?
+                let moved = self.rename_dir(&old_prefix, &new_prefix).await?;
+                // Attribute changes not yet written follow the directory (a listing of the new
+                // one must not show defaults for them).
+                self.records.move_dir(&old_prefix, &new_prefix);
+                moved
             };
-            for (_, state) in &open {
-                let Some(old_key) = state.source_key().await else { continue };
+            for (_, held) in moving.iter_mut() {
+                let Some(old_key) = held.source_key() else { continue };
                 if let Some(copy) = moved.get(&old_key) {
-                    state.rebase(copy.clone()).await;
+                    held.rebase(copy.clone());
                 }
             }
             self.note_entry(parent, name, Kind::Dir, None);
             self.note_entry(newparent, newname, Kind::Dir, Self::dir_entry(&src.stat().attrs));
         } else {
-            let state = src.open_state();
-            if let Some(state) = &state {
-                self.commit(src, state).await?;
+            let mut src_held = moving.into_iter().next();
+            if let Some((inode, held)) = src_held.as_deref_mut() {
+                let committed = held.commit(&self.writes, &self.inodes.key(inode)).await?;
+                if let Some(state) = inode.open_state() {
+                    self.published(inode, &state, committed);
+                }
             }
             let meta = self.head(src).await?;
             let copied = self.copy_any(&ObjectId::from_meta(&meta), meta.size, new_key_base, None).await?;
@@ -466,10 +495,14 @@ impl<S: ObjectStore> S3Fs<S> {
             self.note_entry(parent, name, src.kind, None);
             let entry = Self::file_entry(&copied.etag, meta.size, &attrs, copied.last_modified);
             self.note_entry(newparent, newname, src.kind, entry);
-            if let Some(state) = &state {
+            if let Some((_, held)) = src_held {
                 // Open handles keep writing under the new name; unchanged bytes now live there.
-                let copied = self.store.head_object(new_key_base).await?;
-                state.rebase(ObjectId::from_meta(&copied)).await;
+                let id = if copied.etag.is_empty() {
+                    ObjectId::from_meta(&self.store.head_object(new_key_base).await?)
+                } else {
+                    ObjectId { key: new_key_base.to_owned(), version: copied.etag.clone(), has_etag: true }
+                };
+                held.rebase(id);
             }
         }
         Ok(())
@@ -519,8 +552,11 @@ impl<S: ObjectStore> S3Fs<S> {
             moved.insert(old_key, id);
         }
         drop(copies);
+        // The directory's own marker goes last: if a delete fails, the old directory keeps its
+        // attributes along with what is left in it.
+        let (marker, rest): (Vec<_>, Vec<_>) = keys.iter().partition(|m| m.key == old);
         let mut deletes = futures::stream::FuturesUnordered::new();
-        for meta in &keys {
+        for meta in rest {
             let gate = Arc::clone(&gate);
             deletes.push(async move {
                 let _permit = gate.acquire().await.expect("never closed");
@@ -529,6 +565,9 @@ impl<S: ObjectStore> S3Fs<S> {
         }
         while let Some(r) = deletes.next().await {
             r?;
+        }
+        for meta in marker {
+            this.store.delete_object(&meta.key).await?;
         }
         Ok(moved)
     }

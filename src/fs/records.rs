@@ -173,6 +173,19 @@ impl<S: ObjectStore> Records<S> {
         self.pending.lock().unwrap().retain(|k, _| !k.starts_with(dir_key));
     }
 
+    /// Moves queued changes of a directory renamed from `old` to `new` (and of everything under
+    /// it) to the new keys: the stored records move with the rename's copies, the queued ones
+    /// here. Call while holding [`Records::exclusive`].
+    pub fn move_dir(&self, old: &str, new: &str) {
+        let mut pending = self.pending.lock().unwrap();
+        let moving: Vec<String> = pending.keys().filter(|k| k.starts_with(old)).cloned().collect();
+        for key in moving {
+            if let Some(changes) = pending.remove(&key) {
+                pending.insert(format!("{new}{}", &key[old.len()..]), changes);
+            }
+        }
+    }
+
     /// Deletes a directory's record object (the directory is being removed).
     pub async fn delete(&self, dir_key: &str) -> Result<(), S3Error> {
         let _no_flush = self.exclusive().await;

@@ -24,12 +24,16 @@ impl<S: ObjectStore> S3Fs<S> {
                 return Err(FsError::TooBig);
             }
             let from_handle = fh.and_then(|fh| self.handle(fh).ok()).and_then(|h| h.write_state());
-            let existing = from_handle.or_else(|| inode.open_state());
-            let key = self.inodes.key(&inode);
-            match existing {
-                Some(state) => state.truncate(&self.writes, &key, size).await?,
+            let key = || self.inodes.key(&inode);
+            match from_handle {
+                Some(state) => {
+                    let truncated = state.truncate(&self.writes, &key, size).await;
+                    self.published(&inode, &state, state.take_committed());
+                    truncated?;
+                }
                 None => {
-                    // No open file: a writer that truncates and closes (commits) at once.
+                    // Without a writable handle: a writer that truncates and closes at once
+                    // (committing if no other writer has the file open).
                     let state = self.begin_writing(&inode, false).await?;
                     let truncated = state.truncate(&self.writes, &key, size).await;
                     let closed = self.end_writing(&inode, &state).await;
@@ -66,12 +70,13 @@ impl<S: ObjectStore> S3Fs<S> {
             inode.set_stat(stat);
             return Ok(());
         }
-        if let Some(state) = inode.open_state() {
+        if let Some(state) = self.join_writing(inode) {
+            // Joined as a writer, so the state cannot be detached before it stores them.
             state.update_attrs(apply, changes.mtime).await;
             let mut stat = inode.stat();
             stat.attrs = state.attrs().await;
             inode.set_stat(stat);
-            return Ok(());
+            return self.end_writing(inode, &state).await;
         }
         let key = self.inodes.key(inode);
         let (mut stat, source) = if inode.kind == Kind::Dir {

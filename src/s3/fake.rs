@@ -58,6 +58,8 @@ pub struct FakeStore {
     pub fail_puts: AtomicUsize,
     /// PUTs wait this many milliseconds before storing (to widen races in tests).
     pub put_delay_ms: AtomicU64,
+    /// CopyObject waits this many milliseconds before copying (to widen races in tests).
+    pub copy_delay_ms: AtomicU64,
     /// Parts uploaded (by data or by copy).
     pub parts_uploaded: AtomicUsize,
     /// Parts copied server-side.
@@ -360,6 +362,10 @@ impl ObjectStore for FakeStore {
         metadata: Option<&UserMetadata>,
     ) -> Result<Copied, S3Error> {
         self.injected_put_failure("CopyObject")?;
+        let delay = self.copy_delay_ms.load(Ordering::Relaxed);
+        if delay > 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(delay)).await;
+        }
         let src = self.current(source)?;
         let metadata = metadata.cloned().unwrap_or(src.metadata);
         // As S3 does for a single-part object: the copy keeps the ETag, not the time.

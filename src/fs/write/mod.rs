@@ -77,6 +77,13 @@ const PART_BUFFER_START: usize = 64 << 10;
 /// Concurrent part uploads or copies while committing a staged file.
 const COMMIT_CONCURRENCY: usize = 8;
 
+/// The file's current S3 key, asked for once the file's lock is held: a rename holds the lock
+/// while it moves the file, so an operation that waited for it uses the new key.
+pub type Key<'a> = &'a (dyn Fn() -> String + Send + Sync);
+
+/// What a commit wrote: the object and the attributes stored with it.
+pub type Committed = (ObjectId, StoredAttrs);
+
 /// Write-path settings.
 #[derive(Debug, Clone)]
 pub struct WriteConfig {
@@ -161,6 +168,9 @@ struct Shared {
     /// Never committed to S3 yet (a file created here): listings must show it from memory.
     pending: AtomicBool,
     unlinked: AtomicBool,
+    /// The last commit not yet reported to the filesystem (one made on the way, by a read or an
+    /// out-of-order write of a streamed file, is reported after that operation).
+    committed: Mutex<Option<Committed>>,
 }
 
 impl Shared {
@@ -213,6 +223,7 @@ impl OpenState {
                 writers: AtomicU64::new(0),
                 pending: AtomicBool::new(pending),
                 unlinked: AtomicBool::new(false),
+                committed: Mutex::new(None),
             },
             file: tokio::sync::Mutex::new(file),
         })
@@ -260,26 +271,15 @@ impl OpenState {
         self.shared.unlinked.store(true, Ordering::Relaxed);
     }
 
-    /// Marks the file unlinked (nothing commits it any more) and waits for a commit already in
-    /// flight, so none lands after the unlink or rename that follows.
-    ///
-    /// As on a local filesystem, the file's bytes stay readable through the handles open on it:
-    /// what still lives in S3 is copied to the staging area first (when the staging budget
-    /// allows; otherwise those reads fail with `ESTALE`, logged).
-    pub async fn unlink<S: ObjectStore>(&self, ctx: &WriteCtx<S>, key: &str) {
-        self.mark_unlinked();
-        let mut f = self.file.lock().await;
-        if let Body::Staged(sg) = &mut f.body
-            && let Err(e) = sg.localize(&ctx.fetcher, self.size(), key).await
-        {
-            tracing::warn!(key, error = %e, "cannot keep the bytes of a file unlinked while open; \
-                reads through its open descriptors will fail");
-        }
+    /// Holds the file's lock (so no write, truncate or commit of it runs) while a rename or an
+    /// unlink moves or removes its object; see [`Held`].
+    pub async fn hold(&self) -> Held<'_> {
+        Held { state: self, file: self.file.lock().await }
     }
 
-    /// Undoes [`OpenState::unlink`] when the unlink or rename failed: the file is still there.
-    pub fn relink(&self) {
-        self.shared.unlinked.store(false, Ordering::Relaxed);
+    /// The last commit not yet reported (see [`Shared::committed`]).
+    pub fn take_committed(&self) -> Option<Committed> {
+        self.shared.committed.lock().unwrap().take()
     }
 
     pub fn is_unlinked(&self) -> bool {
@@ -307,14 +307,23 @@ impl OpenState {
     pub async fn write<S: ObjectStore>(
         &self,
         ctx: &WriteCtx<S>,
-        key: &str,
+        key: Key<'_>,
         offset: u64,
         data: &[u8],
     ) -> Result<(), FsError> {
         too_big(offset.saturating_add(data.len() as u64))?;
         let mut f = self.file.lock().await;
+        let key = &key();
         if let Status::Failed(e) = &f.status {
             return Err(FsError::UploadFailed(e.clone()));
+        }
+        // An empty file (one committed empty by the FLUSH of a `dup2`-then-`close`, as shells
+        // and `dd` do before writing) streams again: nothing of it needs keeping.
+        if self.size() == 0
+            && let Body::Staged(sg) = &f.body
+            && sg.holds_nothing()
+        {
+            f.body = Body::Streaming(Streamer::default());
         }
         let streaming_append = matches!(f.body, Body::Streaming(_)) && offset == self.size();
         let result = async {
@@ -332,20 +341,22 @@ impl OpenState {
     pub async fn read<S: ObjectStore>(
         &self,
         ctx: &WriteCtx<S>,
-        key: &str,
+        key: Key<'_>,
         offset: u64,
         len: u64,
     ) -> Result<Vec<Bytes>, FsError> {
         let mut f = self.file.lock().await;
+        let key = &key();
         f.ensure_staged(ctx, key, &self.shared).await?;
         self.publish_mtime(&f);
         let Body::Staged(sg) = &f.body else { unreachable!("ensure_staged ran") };
         sg.read(&ctx.fetcher, self.size(), offset, len).await
     }
 
-    pub async fn truncate<S: ObjectStore>(&self, ctx: &WriteCtx<S>, key: &str, size: u64) -> Result<(), FsError> {
+    pub async fn truncate<S: ObjectStore>(&self, ctx: &WriteCtx<S>, key: Key<'_>, size: u64) -> Result<(), FsError> {
         too_big(size)?;
         let mut f = self.file.lock().await;
+        let key = &key();
         f.touch();
         let result = async {
             if size == 0 {
@@ -370,25 +381,6 @@ impl OpenState {
         result
     }
 
-    /// The S3 object unchanged ranges come from, if any (its key moves with a rename).
-    pub async fn source_key(&self) -> Option<String> {
-        match &self.file.lock().await.body {
-            Body::Staged(sg) => sg.source.as_ref().map(|s| s.object.key.clone()),
-            Body::Streaming(_) => None,
-        }
-    }
-
-    /// Points unchanged ranges at `object`, a copy of the current source under a new key (after
-    /// a rename).
-    pub async fn rebase(&self, object: ObjectId) {
-        let mut f = self.file.lock().await;
-        if let Body::Staged(sg) = &mut f.body
-            && let Some(source) = &mut sg.source
-        {
-            source.object = Arc::new(object);
-        }
-    }
-
     /// Changes attributes (and, with `mtime`, sets the modification time as `utimes` does);
     /// they are stored with the next commit.
     pub async fn update_attrs(&self, change: impl FnOnce(&mut StoredAttrs), mtime: Option<SystemTime>) {
@@ -411,22 +403,73 @@ impl OpenState {
 
     /// Commits the file to S3 if it changed. Returns the new object and the attributes stored
     /// with it (its `mtime` is what the file reports from now on) when one was written.
-    pub async fn commit<S: ObjectStore>(
-        &self,
-        ctx: &WriteCtx<S>,
-        key: &str,
-    ) -> Result<Option<(ObjectId, StoredAttrs)>, FsError> {
-        let mut f = self.file.lock().await;
-        if self.is_unlinked() || f.status == Status::Clean {
-            return Ok(None);
+    pub async fn commit<S: ObjectStore>(&self, ctx: &WriteCtx<S>, key: Key<'_>) -> Result<Option<Committed>, FsError> {
+        let mut held = self.hold().await;
+        let key = key();
+        held.commit(ctx, &key).await
+    }
+}
+
+/// A file's lock, held by a rename or an unlink across its S3 calls (see [`OpenState::hold`]).
+pub struct Held<'a> {
+    state: &'a OpenState,
+    file: tokio::sync::MutexGuard<'a, OpenFile>,
+}
+
+impl Held<'_> {
+    /// Commits the file under `key` if it changed (see [`OpenState::commit`]).
+    pub async fn commit<S: ObjectStore>(&mut self, ctx: &WriteCtx<S>, key: &str) -> Result<Option<Committed>, FsError> {
+        let sh = &self.state.shared;
+        if self.state.is_unlinked() || self.file.status == Status::Clean {
+            return Ok(self.state.take_committed());
         }
-        let result = f.commit(ctx, key, &self.shared).await.map(|object| (object, f.upload_attrs()));
-        if let Err(e) = &result {
-            tracing::error!(key, error = %e, "upload failed; the object in S3 is unchanged and the \
-                written data was not saved");
+        let result = self.file.commit(ctx, key, sh).await;
+        self.state.publish_mtime(&self.file);
+        match result {
+            Ok(_) => Ok(self.state.take_committed()),
+            Err(e) => {
+                tracing::error!(key, error = %e, "upload failed; the object in S3 is unchanged and the \
+                    written data was not saved");
+                Err(e)
+            }
         }
-        self.publish_mtime(&f);
-        result.map(Some)
+    }
+
+    /// The S3 object unchanged ranges come from, if any (its key moves with a rename).
+    pub fn source_key(&self) -> Option<String> {
+        match &self.file.body {
+            Body::Staged(sg) => sg.source.as_ref().map(|s| s.object.key.clone()),
+            Body::Streaming(_) => None,
+        }
+    }
+
+    /// Points unchanged ranges at `object`, a copy of the current source under a new key (after
+    /// a rename).
+    pub fn rebase(&mut self, object: ObjectId) {
+        if let Body::Staged(sg) = &mut self.file.body
+            && let Some(source) = &mut sg.source
+        {
+            source.object = Arc::new(object);
+        }
+    }
+
+    /// Before the object is deleted (an unlink, or a rename over the file): copies what still
+    /// lives only in S3 to the staging area, so the descriptors open on the file keep reading
+    /// it, as on a local filesystem (within the staging budget; otherwise those reads fail with
+    /// `ESTALE`, logged).
+    pub async fn keep_bytes<S: ObjectStore>(&mut self, ctx: &WriteCtx<S>, key: &str) {
+        let size = self.state.size();
+        if let Body::Staged(sg) = &mut self.file.body
+            && let Err(e) = sg.localize(&ctx.fetcher, size, key).await
+        {
+            tracing::warn!(key, error = %e, "cannot keep the bytes of a file unlinked while open; \
+                reads through its open descriptors will fail");
+        }
+    }
+
+    /// The object is gone: nothing commits the file any more. Call once the delete succeeded.
+    pub fn mark_unlinked(&self) {
+        self.state.mark_unlinked();
     }
 }
 
@@ -530,10 +573,10 @@ impl OpenFile {
     ) -> Result<(), FsError> {
         let Body::Streaming(st) = &mut self.body else { return Ok(()) };
         if st.upload.is_none() {
-            let buf = std::mem::take(&mut st.buf);
+            // The buffer stays until the staging file holds it (it may be full: ENOSPC).
             let mut staged = Staged::over(&ctx.staging, None);
-            if !buf.is_empty() {
-                staged.write(key, 0, &buf).await?;
+            if !st.buf.is_empty() {
+                staged.write(key, 0, &st.buf).await?;
             }
             self.body = Body::Staged(staged);
             return Ok(());
@@ -555,9 +598,10 @@ impl OpenFile {
         }
         let result = self.try_commit(ctx, key, sh).await;
         match &result {
-            Ok(_) => {
+            Ok(object) => {
                 self.status = Status::Clean;
                 sh.pending.store(false, Ordering::Relaxed);
+                *sh.committed.lock().unwrap() = Some((object.clone(), self.upload_attrs()));
             }
             Err(e) => self.fail(e),
         }

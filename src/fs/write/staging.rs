@@ -103,8 +103,29 @@ pub struct Staging {
 }
 
 impl Staging {
+    /// Opens the staging directory: created with mode 0700 (files in it are 0600), so written
+    /// data is readable by the mount's user only; emptied of files a previous mount left. A
+    /// path that is a symbolic link, or a directory another user owns, is refused.
     pub fn new(dir: PathBuf, cap_bytes: u64) -> std::io::Result<Self> {
-        std::fs::create_dir_all(&dir)?;
+        use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+        if let Some(parent) = dir.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e),
+        }
+        let meta = std::fs::symlink_metadata(&dir)?;
+        // SAFETY: geteuid cannot fail and touches no memory.
+        let me = unsafe { libc::geteuid() };
+        if !meta.is_dir() || meta.uid() != me {
+            return Err(std::io::Error::other(format!(
+                "staging directory {} is not a directory owned by this user; remove it or choose another --cache-dir",
+                dir.display()
+            )));
+        }
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
         for entry in std::fs::read_dir(&dir)? {
             let _ = std::fs::remove_file(entry?.path());
         }
@@ -142,15 +163,25 @@ impl Staging {
     async fn create(&self) -> Result<Arc<StageFile>, FsError> {
         let path = self.dir.join(format!("stage-{}", self.next.fetch_add(1, Ordering::Relaxed)));
         blocking(move || {
+            use std::os::unix::fs::OpenOptionsExt;
             let file = std::fs::OpenOptions::new()
                 .read(true)
                 .write(true)
                 .create_new(true)
+                .mode(0o600)
+                .custom_flags(libc::O_NOFOLLOW)
                 .open(&path)
                 .map_err(|e| FsError::Local(format!("cannot create staging file {}: {e}", path.display())))?;
             Ok(Arc::new(StageFile { file, path }))
         })
         .await
+    }
+}
+
+impl Drop for Staging {
+    /// At unmount (the filesystem dropped): the directory goes too, if nothing is left in it.
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir(&self.dir);
     }
 }
 
@@ -234,6 +265,11 @@ pub struct Staged {
 impl Staged {
     pub fn over(staging: &Arc<Staging>, source: Option<Source>) -> Self {
         Staged { staging: Arc::clone(staging), file: None, local: RangeSet::default(), source, charged: 0 }
+    }
+
+    /// No local bytes and nothing read from S3: an empty file.
+    pub fn holds_nothing(&self) -> bool {
+        self.local.total() == 0 && self.source.as_ref().is_none_or(|s| s.remote == 0)
     }
 
     /// Bytes of `r` written locally.
@@ -366,6 +402,26 @@ impl Drop for Staged {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn staged_data_is_private_to_the_mount_user() {
+        use std::os::unix::fs::PermissionsExt;
+        let parent = tempfile::tempdir().unwrap();
+        let dir = parent.path().join("staging");
+        let staging = Arc::new(Staging::new(dir.clone(), 1 << 20).unwrap());
+        assert_eq!(std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777, 0o700);
+        let mut body = Staged::over(&staging, None);
+        body.write("k", 0, b"secret").await.unwrap();
+        let file = std::fs::read_dir(&dir).unwrap().next().unwrap().unwrap().path();
+        assert_eq!(std::fs::metadata(&file).unwrap().permissions().mode() & 0o777, 0o600);
+        drop(body);
+        assert!(std::fs::read_dir(&dir).unwrap().next().is_none(), "the file goes with its body");
+        assert_eq!(staging.used_bytes(), 0, "its bytes go back to the budget");
+        // A planted symbolic link is refused, not followed.
+        let planted = parent.path().join("planted");
+        std::os::unix::fs::symlink(parent.path(), &planted).unwrap();
+        assert!(Staging::new(planted, 1 << 20).is_err());
+    }
 
     #[test]
     fn rangeset_merges_and_splits() {
