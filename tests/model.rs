@@ -2045,7 +2045,12 @@ fn faulty_core_run(seed: u64, steps: usize) {
             && let Ok(rel) = real.strip_prefix(model.canonicalize().expect("canonical model root"))
         {
             let rel = rel.to_string_lossy().into_owned();
-            seen.paths.entry(rel).or_default().insert(sha256(bytes));
+            let set = seen.paths.entry(rel).or_default();
+            if set.is_empty() {
+                // Created by this very step: if it fails, the file may never have reached S3.
+                set.insert(ABSENT.to_owned());
+            }
+            set.insert(sha256(bytes));
         }
         seen.note(&model, true);
         let faults = store.failures();
