@@ -137,10 +137,7 @@ impl<S: ObjectStore> S3Fs<S> {
             Some((kind, mut stat)) => {
                 // A directory without a marker (a server that cannot keep one) keeps what the
                 // record said of it, instead of falling back to the defaults.
-                let markerless = !self.markers.load(Ordering::Relaxed);
-                if let Some(known) =
-                    known_dir.filter(|_| markerless && kind == Kind::Dir && stat.attrs == StoredAttrs::default())
-                {
+                if let Some(known) = known_dir.filter(|_| kind == Kind::Dir && stat.attrs == StoredAttrs::default()) {
                     (stat.attrs, stat.mtime) = (known.attrs, known.mtime);
                 }
                 if unrecorded_dir && kind == Kind::Dir {
