@@ -40,7 +40,7 @@ use aws_sdk_s3::config::{
 use aws_sdk_s3::error::DisplayErrorContext;
 use aws_sdk_s3::operation::head_object::HeadObjectOutput;
 use common::{
-    Backend, Mount, MountCommand, S3Server, assert_same_bytes, dir_size, find_program, free_port, list_dir,
+    Backend, DaemonLog, Mount, MountCommand, S3Server, assert_same_bytes, dir_size, find_program, free_port, list_dir,
     processes_with_arg, random_bytes, read_at_most, server_for, sha256, wait_until,
 };
 use rand::rngs::StdRng;
@@ -113,38 +113,6 @@ fn daemon_pid(mountpoint: &Path) -> u32 {
     let pids = processes_with_arg(mountpoint);
     assert_eq!(pids.len(), 1, "expected one s3csi daemon for {}, found {pids:?}", mountpoint.display());
     pids[0]
-}
-
-/// A `--log-file` for a mount; its tail is printed when the test fails.
-struct DaemonLog {
-    _dir: tempfile::TempDir,
-    path: PathBuf,
-}
-
-impl DaemonLog {
-    fn new() -> DaemonLog {
-        let dir = tempfile::Builder::new().prefix("s3csi-log-").tempdir().expect("tempdir for the daemon log");
-        let path = dir.path().join("s3csi.log");
-        DaemonLog { _dir: dir, path }
-    }
-
-    fn arg(&self) -> &str {
-        self.path.to_str().expect("utf-8 temp path")
-    }
-
-    fn tail(&self, lines: usize) -> String {
-        let text = std::fs::read_to_string(&self.path).unwrap_or_default();
-        let all: Vec<&str> = text.lines().collect();
-        all[all.len().saturating_sub(lines)..].join("\n")
-    }
-}
-
-impl Drop for DaemonLog {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            eprintln!("--- last lines of the s3csi log {} ---\n{}", self.path.display(), self.tail(80));
-        }
-    }
 }
 
 /// Direct access to one bucket, bypassing the mount.

@@ -36,12 +36,12 @@ use std::io::Write;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::io::IntoRawFd;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use common::faulty::{CallKind, FaultyStore, Rule};
-use common::{Backend, Mount, S3Server, assert_same_bytes, random_bytes, read_at_most, server_for, sha256};
+use common::{Backend, DaemonLog, Mount, S3Server, assert_same_bytes, random_bytes, read_at_most, server_for, sha256};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use s3csi::cache::BlockCache;
@@ -1015,35 +1015,6 @@ fn count(counts: &mut Counts, op: &Op, ok: bool) {
 }
 
 // --- 1. On a real mount ---
-
-/// A `--log-file` for a mount; its tail is printed when the test fails.
-struct DaemonLog {
-    _dir: tempfile::TempDir,
-    path: PathBuf,
-}
-
-impl DaemonLog {
-    fn new() -> DaemonLog {
-        let dir = tempfile::Builder::new().prefix("s3csi-log-").tempdir().expect("tempdir for the daemon log");
-        let path = dir.path().join("s3csi.log");
-        DaemonLog { _dir: dir, path }
-    }
-
-    fn arg(&self) -> &str {
-        self.path.to_str().expect("utf-8 temp path")
-    }
-}
-
-impl Drop for DaemonLog {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            let text = std::fs::read_to_string(&self.path).unwrap_or_default();
-            let all: Vec<&str> = text.lines().collect();
-            let tail = all[all.len().saturating_sub(60)..].join("\n");
-            eprintln!("--- last lines of the s3csi log {} ---\n{tail}", self.path.display());
-        }
-    }
-}
 
 /// The object behind `rel` on the mount, following symlinks the way the kernel does.
 fn object_behind(server: &S3Server, bucket: &str, mount: &Path, rel: &str) -> Option<Vec<u8>> {

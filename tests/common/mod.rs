@@ -1063,3 +1063,35 @@ pub fn metric_sum(text: &str, name: &str, labels: &[&str]) -> f64 {
 
 /// Failure injection around any `ObjectStore`, for tests of the filesystem core.
 pub mod faulty;
+
+/// A `--log-file` for a mount; its tail is printed when the test fails.
+pub struct DaemonLog {
+    _dir: TempDir,
+    path: PathBuf,
+}
+
+impl DaemonLog {
+    pub fn new() -> DaemonLog {
+        let dir = tempfile::Builder::new().prefix("s3csi-log-").tempdir().expect("tempdir for the daemon log");
+        let path = dir.path().join("s3csi.log");
+        DaemonLog { _dir: dir, path }
+    }
+
+    pub fn arg(&self) -> &str {
+        self.path.to_str().expect("utf-8 temp path")
+    }
+
+    pub fn tail(&self, lines: usize) -> String {
+        let text = std::fs::read_to_string(&self.path).unwrap_or_default();
+        let all: Vec<&str> = text.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+}
+
+impl Drop for DaemonLog {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("--- last lines of the s3csi log {} ---\n{}", self.path.display(), self.tail(80));
+        }
+    }
+}

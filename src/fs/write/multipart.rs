@@ -40,10 +40,6 @@ impl Uploads {
         Arc::new(Uploads { store, aborting: Mutex::new(BTreeMap::new()), settled: tokio::sync::Notify::new() })
     }
 
-    pub fn store(&self) -> &Arc<dyn ObjectStore> {
-        &self.store
-    }
-
     /// Starts a multipart upload of `key` with `metadata`.
     pub async fn begin(self: &Arc<Self>, key: &str, metadata: &UserMetadata) -> Result<Multipart, S3Error> {
         let id = self.store.create_multipart_upload(key, metadata).await?;
@@ -56,11 +52,6 @@ impl Uploads {
             done: Vec::new(),
             open: true,
         })
-    }
-
-    /// Upload ids (with their keys) whose abort is still pending.
-    pub fn pending_aborts(&self) -> Vec<(String, String)> {
-        self.aborting.lock().unwrap().iter().map(|(id, key)| (key.clone(), id.clone())).collect()
     }
 
     /// Aborts an upload: waits for the first attempt at most [`ABORT_INLINE_WAIT`], then keeps
@@ -170,10 +161,6 @@ pub struct Multipart {
 }
 
 impl Multipart {
-    pub fn key(&self) -> &str {
-        &self.key
-    }
-
     /// The number the next part gets (1-based).
     pub fn next_number(&self) -> i32 {
         self.next
