@@ -454,7 +454,12 @@ impl<S: ObjectStore> Filesystem for FuseAdapter<S> {
         let resent = is_resent(req);
         let span = tracing::debug_span!("rename", ino = parent, name = %name, newparent, newname = %newname);
         self.spawn("rename", span, async move {
-            match fs.rename(parent, &name, newparent, &newname, flags).await {
+            let renamed = if resent {
+                fs.rename_resumed(parent, &name, newparent, &newname, flags).await
+            } else {
+                fs.rename(parent, &name, newparent, &newname, flags).await
+            };
+            match renamed {
                 Ok(()) => reply.ok(),
                 // The previous process renamed it and died before it could answer.
                 Err(FsError::NotFound) if resent && fs.lookup(newparent, &newname).await.is_ok() => reply.ok(),

@@ -370,6 +370,52 @@ impl<S: ObjectStore> S3Fs<S> {
         newname: &str,
         flags: u32,
     ) -> Result<(), FsError> {
+        self.rename_as(parent, name, newparent, newname, flags, false).await
+    }
+
+    /// A rename the kernel re-sent after the process serving it died: a directory rename that
+    /// process left half done (the destination holds only copies of source keys, or the source
+    /// only keys already copied) is completed instead of failing with `ENOTEMPTY`.
+    pub async fn rename_resumed(
+        &self,
+        parent: u64,
+        name: &str,
+        newparent: u64,
+        newname: &str,
+        flags: u32,
+    ) -> Result<(), FsError> {
+        self.rename_as(parent, name, newparent, newname, flags, true).await
+    }
+
+    /// Whether the keys under `src` and `dest` look like one rename cut off: one set of names
+    /// (relative to each directory) contains the other.
+    async fn is_partial_move(&self, src: &Inode, dest: &Inode) -> Result<bool, FsError> {
+        let (a, b) = (self.inodes.key(src), self.inodes.key(dest));
+        let names = |prefix: String| async move {
+            let mut out = std::collections::HashSet::new();
+            let mut token = None;
+            loop {
+                let page = self.store.list_page(&prefix, None, token, None).await?;
+                out.extend(page.objects.into_iter().map(|o| o.key[prefix.len()..].to_owned()));
+                match page.next_token {
+                    Some(t) => token = Some(t),
+                    None => return Ok::<_, FsError>(out),
+                }
+            }
+        };
+        let (from, to) = (names(a).await?, names(b).await?);
+        Ok(to.is_subset(&from) || from.is_subset(&to))
+    }
+
+    async fn rename_as(
+        &self,
+        parent: u64,
+        name: &str,
+        newparent: u64,
+        newname: &str,
+        flags: u32,
+        resumed: bool,
+    ) -> Result<(), FsError> {
         self.check_writable()?;
         if flags & libc::RENAME_EXCHANGE != 0 {
             return Err(FsError::NotSupported("RENAME_EXCHANGE"));
@@ -393,7 +439,11 @@ impl<S: ObjectStore> S3Fs<S> {
             match (src.kind == Kind::Dir, t.kind == Kind::Dir) {
                 (false, true) => return Err(FsError::IsDir),
                 (true, false) => return Err(FsError::NotDir),
-                (true, true) if self.dir_has_entries(t).await? => return Err(FsError::NotEmpty),
+                (true, true)
+                    if self.dir_has_entries(t).await? && !(resumed && self.is_partial_move(&src, t).await?) =>
+                {
+                    return Err(FsError::NotEmpty);
+                }
                 _ => {}
             }
         }
