@@ -562,13 +562,26 @@ mod tests {
             matches!(fs.rename(ROOT_INO, "d", ROOT_INO, "e", 0).await, Err(FsError::NotEmpty)),
             "only a resend resumes"
         );
-        fs.rename_resumed(ROOT_INO, "d", ROOT_INO, "e", 0).await.unwrap();
+        // `mv` asks for RENAME_NOREPLACE first.
+        let noreplace = libc::RENAME_NOREPLACE;
+        assert!(matches!(fs.rename(ROOT_INO, "d", ROOT_INO, "e", noreplace).await, Err(FsError::Exists)));
+        fs.rename_resumed(ROOT_INO, "d", ROOT_INO, "e", noreplace).await.unwrap();
         fs.rename_resumed(ROOT_INO, "f", ROOT_INO, "g", 0).await.unwrap();
         assert!(matches!(fs.rename_resumed(ROOT_INO, "h", ROOT_INO, "i", 0).await, Err(FsError::NotEmpty)));
+        assert!(matches!(fs.rename_resumed(ROOT_INO, "h", ROOT_INO, "i", noreplace).await, Err(FsError::Exists)));
+        // A file copied and not yet deleted.
+        store.put("k", "same");
+        store.put("l", "same");
+        store.put("m", "other");
+        fs.rename_resumed(ROOT_INO, "k", ROOT_INO, "l", noreplace).await.unwrap();
+        assert!(matches!(fs.rename_resumed(ROOT_INO, "l", ROOT_INO, "m", noreplace).await, Err(FsError::Exists)));
         let mut keys = store.keys();
         keys.retain(|k| !k.ends_with(crate::fs::records::RECORD_NAME));
         keys.sort();
-        assert_eq!(keys, ["e/", "e/1", "e/2", "e/3", "g/", "g/1", "g/2", "g/3", "h/", "h/1", "i/", "i/other"]);
+        assert_eq!(
+            keys,
+            ["e/", "e/1", "e/2", "e/3", "g/", "g/1", "g/2", "g/3", "h/", "h/1", "i/", "i/other", "l", "m"]
+        );
     }
 
     #[tokio::test]

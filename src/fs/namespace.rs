@@ -22,6 +22,9 @@ use crate::s3::{ObjectId, ObjectMeta, ObjectStore, S3Error};
 pub const RESERVED_NAME: &str = ".s3csi-volume";
 
 /// Whether `name` can be a file name; keys whose segment fails this are not shown.
+/// Largest file a re-sent rename compares byte for byte with its destination.
+const RESUME_COMPARE_MAX: u64 = 8 << 20;
+
 pub fn valid_name(name: &str) -> bool {
     !name.is_empty()
         && name != "."
@@ -387,9 +390,29 @@ impl<S: ObjectStore> S3Fs<S> {
         self.rename_as(parent, name, newparent, newname, flags, true).await
     }
 
-    /// Whether the keys under `src` and `dest` look like one rename cut off: one set of names
-    /// (relative to each directory) contains the other.
+    /// Whether `dest` looks like the copy a rename of `src` cut off made: for files, the same
+    /// object (ETag); for directories, one set of names (relative to each directory) contains
+    /// the other.
     async fn is_partial_move(&self, src: &Inode, dest: &Inode) -> Result<bool, FsError> {
+        if src.kind != Kind::Dir {
+            let (a, b) = (self.head(src).await?, self.head(dest).await?);
+            if a.size != b.size {
+                return Ok(false);
+            }
+            if a.etag.is_some() && a.etag == b.etag {
+                return Ok(true);
+            }
+            // A copy's ETag differs on some servers (and for multipart objects): small files are
+            // compared byte for byte.
+            if a.size > RESUME_COMPARE_MAX {
+                return Ok(false);
+            }
+            let (x, y) = (
+                self.store.get_object_start(&a.key, RESUME_COMPARE_MAX).await?,
+                self.store.get_object_start(&b.key, RESUME_COMPARE_MAX).await?,
+            );
+            return Ok(x.data == y.data);
+        }
         let (a, b) = (self.inodes.key(src), self.inodes.key(dest));
         let names = |prefix: String| async move {
             let mut out = std::collections::HashSet::new();
@@ -433,17 +456,15 @@ impl<S: ObjectStore> S3Fs<S> {
             if t.ino == src.ino {
                 return Ok(());
             }
-            if flags & libc::RENAME_NOREPLACE != 0 {
+            // The destination is what the dead process's copy made of the source.
+            let resume = resumed && src.kind == t.kind && self.is_partial_move(&src, t).await?;
+            if flags & libc::RENAME_NOREPLACE != 0 && !resume {
                 return Err(FsError::Exists);
             }
             match (src.kind == Kind::Dir, t.kind == Kind::Dir) {
                 (false, true) => return Err(FsError::IsDir),
                 (true, false) => return Err(FsError::NotDir),
-                (true, true)
-                    if self.dir_has_entries(t).await? && !(resumed && self.is_partial_move(&src, t).await?) =>
-                {
-                    return Err(FsError::NotEmpty);
-                }
+                (true, true) if !resume && self.dir_has_entries(t).await? => return Err(FsError::NotEmpty),
                 _ => {}
             }
         }
