@@ -63,6 +63,11 @@ pub struct CsiConfig {
     pub metrics_address: Option<std::net::SocketAddr>,
     /// The `s3csi` binary the node runs for each mount.
     pub mount_exe: PathBuf,
+    /// The keeper's socket (`s3csi keeper`), which runs the mount processes.
+    pub keeper_socket: PathBuf,
+    /// Whether the node starts a keeper itself when none answers (off in Kubernetes, where the
+    /// keeper is a container of its own).
+    pub spawn_keeper: bool,
 }
 
 /// A handler's failure; each variant is one gRPC code.

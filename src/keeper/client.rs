@@ -75,7 +75,9 @@ impl KeeperClient {
     fn connect(&self) -> Result<UnixStream, KeeperError> {
         match UnixStream::connect(&self.socket) {
             Ok(s) => Ok(s),
-            Err(source) if self.launcher.is_none() => Err(KeeperError::Unreachable { socket: self.socket.clone(), source }),
+            Err(source) if self.launcher.is_none() => {
+                Err(KeeperError::Unreachable { socket: self.socket.clone(), source })
+            }
             Err(_) => {
                 self.ensure_running()?;
                 UnixStream::connect(&self.socket)

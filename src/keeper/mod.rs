@@ -185,7 +185,10 @@ pub async fn run(
     while !keeper.drain() {
         if !warned {
             let volumes: Vec<String> = keeper.list().into_iter().map(|v| v.volume_id).collect();
-            tracing::warn!(?volumes, "asked to stop while owning volumes; serving them until they are unstaged or this process is killed");
+            tracing::warn!(
+                ?volumes,
+                "asked to stop while owning volumes; serving them until they are unstaged or this process is killed"
+            );
             warned = true;
         }
         tokio::time::sleep(DRAIN_POLL).await;

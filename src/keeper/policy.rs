@@ -7,8 +7,7 @@ use std::time::Duration;
 /// Delays before successive restarts of a volume that keeps crashing. The first successor starts
 /// at once (a single crash costs the pods only the successor's start); repeated crashes wait
 /// longer so a process failing at startup does not spin.
-const BACKOFF: [Duration; 4] =
-    [Duration::ZERO, Duration::from_secs(1), Duration::from_secs(2), Duration::from_secs(4)];
+const BACKOFF: [Duration; 4] = [Duration::ZERO, Duration::from_secs(1), Duration::from_secs(2), Duration::from_secs(4)];
 /// The longest delay between restarts: pods are blocked meanwhile, so it stays short.
 pub const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// A process that served this long counts as healthy: its crash restarts at once again.

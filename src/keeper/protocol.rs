@@ -139,14 +139,28 @@ pub struct VolumeInfo {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Response {
-    Started { pid: u32 },
+    Started {
+        pid: u32,
+    },
     Stopped,
-    Volumes { volumes: Vec<VolumeInfo> },
-    Error { kind: ErrorKind, message: String },
+    Volumes {
+        volumes: Vec<VolumeInfo>,
+    },
+    Error {
+        kind: ErrorKind,
+        message: String,
+    },
     /// Hand-over: a volume, with its `/dev/fuse` descriptor attached.
-    Offer { spec: VolumeSpec, restarts: u64, takeovers: u64 },
+    Offer {
+        spec: VolumeSpec,
+        restarts: u64,
+        takeovers: u64,
+    },
     /// Hand-over: the offered volume's mount process has exited (`status` as the OS reports it).
-    Exited { volume: String, status: String },
+    Exited {
+        volume: String,
+        status: String,
+    },
     /// Hand-over: every volume was offered; the old keeper now holds nothing.
     Done,
 }
@@ -174,8 +188,7 @@ impl Conn {
         let raw = fd.map(|fd| [fd.as_raw_fd()]);
         let cmsgs: Vec<ControlMessage<'_>> = raw.iter().map(|r| ControlMessage::ScmRights(r)).collect();
         let sent = loop {
-            match sendmsg::<()>(self.stream.as_raw_fd(), &[IoSlice::new(&line)], &cmsgs, MsgFlags::MSG_NOSIGNAL, None)
-            {
+            match sendmsg::<()>(self.stream.as_raw_fd(), &[IoSlice::new(&line)], &cmsgs, MsgFlags::MSG_NOSIGNAL, None) {
                 Ok(n) => break n,
                 Err(nix::errno::Errno::EINTR) => continue,
                 Err(e) => return Err(e.into()),

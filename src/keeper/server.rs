@@ -233,7 +233,8 @@ impl Shared {
             KeeperError::RecoveryDir { volume: spec.volume_id.clone(), path: spec.recovery_dir.clone(), source }
         })?;
         let vol = Volume::new(spec, fuse.into(), 0, 0);
-        let child = self.spawn(&vol, false).map_err(|e| KeeperError::Spawn { volume: vol.name().to_owned(), source: e })?;
+        let child =
+            self.spawn(&vol, false).map_err(|e| KeeperError::Spawn { volume: vol.name().to_owned(), source: e })?;
         let pid = child.id();
         self.adopt(vol, Some(child));
         Ok(pid)
@@ -296,8 +297,13 @@ impl Shared {
                         return self.drop_volume(&vol);
                     }
                     ExitAction::Restart { delay: d } => {
-                        tracing::warn!(volume = vol.name(), pid, status = described, delay_s = d.as_secs_f64(),
-                            "mount process ended without being asked; starting a successor on the same connection");
+                        tracing::warn!(
+                            volume = vol.name(),
+                            pid,
+                            status = described,
+                            delay_s = d.as_secs_f64(),
+                            "mount process ended without being asked; starting a successor on the same connection"
+                        );
                         delay = d;
                     }
                 }
@@ -466,7 +472,11 @@ impl Shared {
             match confirmed {
                 Ok(Some(Request::Confirm { volume })) if volume == name => step = HandoverStep::Confirmed,
                 Ok(Some(Request::Decline { error, .. })) => {
-                    tracing::warn!(volume = vol.name(), error, "the newer keeper could not start the volume; serving it again");
+                    tracing::warn!(
+                        volume = vol.name(),
+                        error,
+                        "the newer keeper could not start the volume; serving it again"
+                    );
                 }
                 Ok(other) => tracing::warn!(volume = vol.name(), answer = ?other, "hand-over broke off"),
                 Err(e) => tracing::warn!(volume = vol.name(), error = %e, "hand-over connection lost"),
@@ -583,7 +593,9 @@ impl Shared {
                 return taken;
             }
         }
-        tracing::warn!("the old keeper still holds volumes after {HANDOVER_ROUNDS} hand-over attempts; it keeps serving them");
+        tracing::warn!(
+            "the old keeper still holds volumes after {HANDOVER_ROUNDS} hand-over attempts; it keeps serving them"
+        );
         taken
     }
 }
