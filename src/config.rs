@@ -350,6 +350,12 @@ pub struct MountConfig {
     pub log_file: Option<PathBuf>,
     /// Where to serve Prometheus metrics (off when `None`).
     pub metrics_address: Option<crate::metrics::MetricsAddress>,
+    /// An inherited `/dev/fuse` descriptor to serve (see `docs/recovery.md`).
+    pub fuse_fd: Option<i32>,
+    /// The connection behind `fuse_fd` is already mounted and initialised.
+    pub takeover: bool,
+    /// What a successor process needs is kept here.
+    pub recovery_dir: Option<PathBuf>,
 }
 
 #[cfg(test)]

@@ -18,7 +18,9 @@ use fuser::MountOption;
 use crate::cache::{BlockCache, DiskTier};
 use crate::config::MountConfig;
 use crate::fs::S3Fs;
+use crate::fs::connection::{self, Connection, Resent, SessionProbe};
 use crate::fs::fuse::FuseAdapter;
+use crate::fs::recovery::RecoveryDir;
 use crate::s3::aws::{AwsStore, build_client};
 use crate::s3::{ObjectStore, S3Error};
 
@@ -152,9 +154,47 @@ pub fn mount_source(bucket: &str, prefix: &str) -> String {
     if prefix.is_empty() { format!("s3csi:{bucket}") } else { format!("s3csi:{bucket}/{prefix}") }
 }
 
-/// Runs a mount in this process until it is unmounted or receives SIGTERM/SIGINT.
+/// How this process reads its FUSE connection.
+enum Served {
+    /// `fuser` mounted it (a mount made by hand).
+    Mounted(fuser::SessionUnmounter),
+    /// An inherited descriptor (`--fuse-fd`): we mount and unmount it ourselves, and can hand
+    /// it over.
+    Descriptor(Connection),
+}
+
+/// Why the mount process stops.
+enum Stop {
+    /// The kernel ended the session (unmounted from outside).
+    Ended,
+    /// SIGTERM or SIGINT: unmount.
+    Unmount,
+    /// SIGUSR2: hand the connection over to a successor and leave it mounted.
+    HandOver,
+}
+
+/// Runs a mount in this process until it is unmounted, receives SIGTERM/SIGINT (unmount), or
+/// SIGUSR2 (hand the connection over, with `--fuse-fd` and `--recovery-dir`).
 pub fn run_foreground(config: MountConfig, notify_ready: bool) -> anyhow::Result<()> {
-    let mountpoint = check_mountpoint(&config.mountpoint)?;
+    let mountpoint = if config.takeover {
+        let path = config
+            .mountpoint
+            .canonicalize()
+            .with_context(|| format!("cannot resolve mountpoint {}", config.mountpoint.display()))?;
+        if !is_mount_point(&path)? {
+            bail!("--takeover: nothing is mounted at {}; start without --takeover to mount", path.display());
+        }
+        path
+    } else {
+        check_mountpoint(&config.mountpoint)?
+    };
+    // Taken first, so a failure below still closes it when the process exits.
+    let device = match config.fuse_fd {
+        Some(fd) => Some(
+            connection::inherited(fd).map_err(|e| anyhow::anyhow!("--fuse-fd {fd} is not an open descriptor: {e}"))?,
+        ),
+        None => None,
+    };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("s3csi-worker")
@@ -193,56 +233,124 @@ pub fn run_foreground(config: MountConfig, notify_ready: bool) -> anyhow::Result
     let cache = Arc::new(BlockCache::new(config.cache.memory_bytes, disk));
     let watched = Arc::clone(&cache);
     metrics.add_refresher(move |m| watched.export(m));
-    let fs = S3Fs::new(Arc::new(store), cache, config.fs.clone()).map_err(|e| {
+    let mut fs = S3Fs::new(Arc::new(store), cache, config.fs.clone()).map_err(|e| {
         anyhow::anyhow!("cannot prepare the staging directory {}: {e}", config.fs.write.staging_dir.display())
     })?;
+    let recovery = match &config.recovery_dir {
+        Some(dir) => {
+            let dir = RecoveryDir::open(dir)
+                .map_err(|e| anyhow::anyhow!("cannot use --recovery-dir {}: {e}", dir.display()))?;
+            let found = fs
+                .attach_recovery(&dir, config.takeover)
+                .map_err(|e| anyhow::anyhow!("cannot read or write --recovery-dir {}: {e}", dir.root().display()))?;
+            Some((dir, found))
+        }
+        None => None,
+    };
     let fs = Arc::new(fs);
     {
         let _in_runtime = rt.enter();
         fs.start_record_flusher();
     }
     let records_owner = Arc::clone(&fs);
-    let readahead_mountpoint = mountpoint.clone();
-    let adapter =
-        FuseAdapter::new(fs, rt.handle().clone()).after_init(move || raise_kernel_readahead(&readahead_mountpoint));
-
-    let mut options = vec![
-        // `s3csi:<bucket>` or `s3csi:<bucket>/<prefix>`: the CSI node tells its volumes' mounts
-        // apart by it, also for volumes sharing a bucket.
-        MountOption::FSName(mount_source(config.bucket.as_str(), config.fs.prefix.as_str())),
-        MountOption::Subtype("s3csi".into()),
-        MountOption::DefaultPermissions,
-        MountOption::NoDev,
-        MountOption::NoSuid,
-        MountOption::NoAtime,
-    ];
-    if config.fs.read_only {
-        options.push(MountOption::RO);
+    let probe = Arc::new(SessionProbe::default());
+    let mut adapter = FuseAdapter::new(fs, rt.handle().clone()).with_probe(Arc::clone(&probe));
+    if !config.takeover {
+        let readahead_mountpoint = mountpoint.clone();
+        adapter = adapter.after_init(move || raise_kernel_readahead(&readahead_mountpoint));
     }
-    if config.allow_other {
-        options.push(MountOption::AllowOther);
-    }
-    let mut session = fuser::Session::new(adapter, &mountpoint, &options)
-        .map_err(|e| anyhow::anyhow!("cannot mount at {}: {e}", mountpoint.display()))?;
-    let mut unmounter = session.unmount_callable();
-    tracing::info!(bucket = %config.bucket, prefix = %config.fs.prefix, mountpoint = %mountpoint.display(), "mounted");
+    let source = mount_source(config.bucket.as_str(), config.fs.prefix.as_str());
 
-    if notify_ready {
-        let mut out = std::io::stdout();
-        let _ = writeln!(out, "{READY_LINE}");
-        let _ = out.flush();
-        detach_stdio(config.log_file.as_deref());
+    let mut resume = None;
+    let (session, served) = match device {
+        None => {
+            let mut options = vec![
+                // `s3csi:<bucket>` or `s3csi:<bucket>/<prefix>`: the CSI node tells its volumes'
+                // mounts apart by it, also for volumes sharing a bucket.
+                MountOption::FSName(source),
+                MountOption::Subtype("s3csi".into()),
+                MountOption::DefaultPermissions,
+                MountOption::NoDev,
+                MountOption::NoSuid,
+                MountOption::NoAtime,
+            ];
+            if config.fs.read_only {
+                options.push(MountOption::RO);
+            }
+            if config.allow_other {
+                options.push(MountOption::AllowOther);
+            }
+            let mut session = fuser::Session::new(adapter, &mountpoint, &options)
+                .map_err(|e| anyhow::anyhow!("cannot mount at {}: {e}", mountpoint.display()))?;
+            let unmounter = session.unmount_callable();
+            (session, Served::Mounted(unmounter))
+        }
+        Some(device) => {
+            let acl = if config.allow_other { fuser::SessionACL::All } else { fuser::SessionACL::Owner };
+            if config.takeover {
+                let (conn, fd, rest) = Connection::resume(device, Arc::clone(&probe))
+                    .context("cannot prepare to resume the FUSE connection")?;
+                resume = Some(rest);
+                (fuser::Session::from_fd(adapter, fd, acl), Served::Descriptor(conn))
+            } else {
+                connection::mount(&device, &mountpoint, &source, config.fs.read_only, config.allow_other)
+                    .map_err(|e| anyhow::anyhow!("cannot mount at {}: {e}", mountpoint.display()))?;
+                let (conn, fd) = Connection::fresh(device, Arc::clone(&probe)).context("cannot duplicate --fuse-fd")?;
+                (fuser::Session::from_fd(adapter, fd, acl), Served::Descriptor(conn))
+            }
+        }
+    };
+
+    // A successor first settles what its predecessor left: uploads it never finished are
+    // aborted, and files it handed over open for writing are opened again, before any request
+    // for them is read.
+    if let Some((_, found)) = recovery {
+        let (generation, inodes) = (found.generation, found.inodes);
+        let (aborted, reopened) = rt.block_on(records_owner.finish_recovery(found));
+        if config.takeover {
+            tracing::info!(
+                generation,
+                inodes,
+                aborted_uploads = aborted,
+                reopened_files = reopened,
+                "taking over the mounted connection"
+            );
+        }
+    }
+    if !config.takeover {
+        tracing::info!(bucket = %config.bucket, prefix = %config.fs.prefix, mountpoint = %mountpoint.display(), "mounted");
     }
     // After the output is where it stays (the log file of a background mount), so the warning
     // is seen; before the session runs, so no mkdir comes first.
+    if notify_ready && resume.is_none() {
+        announce_ready(config.log_file.as_deref());
+    }
     if !config.fs.read_only {
         rt.block_on(records_owner.check_directory_markers());
     }
 
+    let mut session = session;
     let session_thread = std::thread::Builder::new()
         .name("s3csi-fuse".into())
         .spawn(move || session.run())
         .context("cannot start the FUSE session thread")?;
+    let loop_thread = {
+        use std::os::unix::thread::JoinHandleExt;
+        session_thread.as_pthread_t()
+    };
+    if let (Some(rest), Served::Descriptor(conn)) = (resume.take(), &served) {
+        match rest.complete(conn).context("cannot resume the FUSE connection")? {
+            Resent::Yes => {}
+            Resent::Unsupported => tracing::warn!(
+                "this kernel cannot re-send FUSE requests (FUSE_NOTIFY_RESEND needs Linux 6.9): system calls \
+                 that were waiting on the previous process stay blocked until the volume is unmounted"
+            ),
+        }
+        tracing::info!(mountpoint = %mountpoint.display(), "serving the mount again");
+        if notify_ready {
+            announce_ready(config.log_file.as_deref());
+        }
+    }
 
     let (done_tx, mut done_rx) = tokio::sync::oneshot::channel::<()>();
     let waiter = std::thread::spawn(move || {
@@ -250,22 +358,40 @@ pub fn run_foreground(config: MountConfig, notify_ready: bool) -> anyhow::Result
         let _ = done_tx.send(());
         r
     });
-    rt.block_on(async {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("SIGTERM handler can be installed");
-        tokio::select! {
-            _ = &mut done_rx => tracing::info!("unmounted; exiting"),
-            _ = term.recv() => tracing::info!("SIGTERM received; unmounting"),
-            _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received; unmounting"),
+    let can_hand_over = matches!(served, Served::Descriptor(_)) && config.recovery_dir.is_some();
+    let stop = rt.block_on(async {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler can be installed");
+        let mut usr2 = signal(SignalKind::user_defined2()).expect("SIGUSR2 handler can be installed");
+        loop {
+            tokio::select! {
+                _ = &mut done_rx => { tracing::info!("unmounted; exiting"); return Stop::Ended }
+                _ = term.recv() => { tracing::info!("SIGTERM received; unmounting"); return Stop::Unmount }
+                _ = tokio::signal::ctrl_c() => { tracing::info!("SIGINT received; unmounting"); return Stop::Unmount }
+                _ = usr2.recv() => {
+                    if can_hand_over {
+                        tracing::info!("SIGUSR2 received; handing the connection over");
+                        return Stop::HandOver;
+                    }
+                    tracing::warn!("SIGUSR2 ignored: only a mount started with --fuse-fd and --recovery-dir can hand over");
+                }
+            }
         }
     });
-    if !is_mount_point(&mountpoint).unwrap_or(false) {
-        // Already gone (umount from outside).
-    } else if let Err(e) = unmounter.unmount() {
-        tracing::warn!(error = %e, "unmount failed (busy?); detaching lazily");
-        let c = std::ffi::CString::new(mountpoint.to_string_lossy().as_bytes()).expect("path has no NUL");
-        // SAFETY: umount2 with a valid NUL-terminated path.
-        unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+    if let (Stop::HandOver, Served::Descriptor(conn), Some(dir)) = (&stop, &served, &config.recovery_dir) {
+        return hand_over(&rt, conn, loop_thread, &records_owner, dir);
+    }
+    if matches!(stop, Stop::Unmount) && is_mount_point(&mountpoint).unwrap_or(false) {
+        let unmounted = match served {
+            Served::Mounted(mut unmounter) => unmounter.unmount(),
+            Served::Descriptor(_) => unmount(&mountpoint),
+        };
+        if let Err(e) = unmounted {
+            tracing::warn!(error = %e, "unmount failed (busy?); detaching lazily");
+            let c = std::ffi::CString::new(mountpoint.to_string_lossy().as_bytes()).expect("path has no NUL");
+            // SAFETY: umount2 with a valid NUL-terminated path.
+            unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+        }
     }
     let ended = waiter.join();
     // Directory attribute records queued since the last flush.
@@ -277,6 +403,55 @@ pub fn run_foreground(config: MountConfig, notify_ready: bool) -> anyhow::Result
         Ok(Ok(Err(e))) => Err(anyhow::anyhow!("FUSE session failed: {e}")),
         _ => Err(anyhow::anyhow!("FUSE session thread panicked")),
     }
+}
+
+/// How long a hand-over waits for the requests being served to be answered; the successor's
+/// resend covers any still open.
+const HANDOVER_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Stops serving, saves what is open for writing, and leaves the connection mounted for the
+/// successor (see `docs/recovery.md`).
+fn hand_over<S: ObjectStore>(
+    rt: &tokio::runtime::Runtime,
+    conn: &Connection,
+    loop_thread: libc::pthread_t,
+    fs: &S3Fs<S>,
+    dir: &Path,
+) -> anyhow::Result<()> {
+    let started = std::time::Instant::now();
+    let left = conn.quiesce(loop_thread, HANDOVER_WAIT).context("cannot stop the FUSE session for the hand-over")?;
+    if left > 0 {
+        tracing::warn!(
+            requests = left,
+            "requests still unanswered at the hand-over; the successor is asked to re-send them"
+        );
+    }
+    let handles = rt.block_on(fs.hand_over());
+    rt.block_on(fs.flush_records());
+    rt.block_on(fs.finish_uploads(UPLOADS_AT_EXIT));
+    let dir = RecoveryDir::open(dir).with_context(|| format!("cannot open --recovery-dir {}", dir.display()))?;
+    dir.write_handover(&handles).context("cannot record the files open for writing")?;
+    tracing::info!(
+        files_open_for_writing = handles.len(),
+        took_ms = started.elapsed().as_millis() as u64,
+        "handed the connection over; exiting without unmounting"
+    );
+    Ok(())
+}
+
+/// Unmounts a mount made with [`connection::mount`].
+fn unmount(mountpoint: &Path) -> std::io::Result<()> {
+    let c = std::ffi::CString::new(mountpoint.to_string_lossy().as_bytes()).expect("path has no NUL");
+    // SAFETY: umount2 with a valid NUL-terminated path.
+    if unsafe { libc::umount2(c.as_ptr(), 0) } < 0 { Err(std::io::Error::last_os_error()) } else { Ok(()) }
+}
+
+/// Prints the ready line for the waiting parent, then stops writing to its pipes.
+fn announce_ready(log_file: Option<&Path>) {
+    let mut out = std::io::stdout();
+    let _ = writeln!(out, "{READY_LINE}");
+    let _ = out.flush();
+    detach_stdio(log_file);
 }
 
 /// How long unmount waits for aborts of failed multipart uploads still being retried.

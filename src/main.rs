@@ -186,16 +186,32 @@ struct MountArgs {
     /// Serve Prometheus metrics: host:port for HTTP GET /metrics, or unix:/path (off by default).
     #[arg(long, value_name = "ADDR")]
     metrics_address: Option<MetricsAddress>,
+    /// Serve the FUSE connection of this inherited `/dev/fuse` descriptor (how the keeper starts
+    /// mounts). Without --takeover the process mounts it at MOUNTPOINT itself.
+    #[arg(long, value_name = "FD")]
+    fuse_fd: Option<i32>,
+    /// The connection behind --fuse-fd is mounted and was served by an earlier process: restore
+    /// what that process left in --recovery-dir and serve it (no new mount).
+    #[arg(long, requires_all = ["fuse_fd", "recovery_dir"])]
+    takeover: bool,
+    /// Where the process keeps what a successor needs to take the mount over after a crash or
+    /// at a hand-over (SIGUSR2). Private to one mount.
+    #[arg(long, value_name = "DIR", requires = "fuse_fd")]
+    recovery_dir: Option<PathBuf>,
 }
 
 impl MountArgs {
     fn into_config(self) -> anyhow::Result<MountConfig> {
         // Value ranges are checked while parsing, by the same types the CSI driver checks
         // StorageClass parameters with.
-        let staging_dir = match &self.cache_dir {
-            Some(dir) => dir.join("s3csi-staging"),
+        let staging_dir = match (&self.cache_dir, &self.recovery_dir) {
+            (Some(dir), _) => dir.join("s3csi-staging"),
+            // Cleared by the next process serving the mount, should this one crash.
+            (None, Some(dir)) => dir.join("staging"),
             // An unpredictable name, so no other local user can plant a path there first.
-            None => std::env::temp_dir().join(format!("s3csi-staging-{}-{:016x}", std::process::id(), random_u64())),
+            (None, None) => {
+                std::env::temp_dir().join(format!("s3csi-staging-{}-{:016x}", std::process::id(), random_u64()))
+            }
         };
         // --memory-cache-size covers reads in flight too; the block cache gets the rest.
         let read_budget = ReadBudget::split(self.memory_cache_size.0);
@@ -241,6 +257,9 @@ impl MountArgs {
             foreground: self.foreground,
             log_file: self.log_file,
             metrics_address: self.metrics_address,
+            fuse_fd: self.fuse_fd,
+            takeover: self.takeover,
+            recovery_dir: self.recovery_dir,
         })
     }
 }

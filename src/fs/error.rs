@@ -36,6 +36,10 @@ pub enum FsError {
     UploadFailed(String),
     #[error("file too large: S3 objects are limited to 5 TiB")]
     TooBig,
+    #[error(
+        "the file was open for writing when the process serving this mount stopped; what was written since its last successful fsync is lost"
+    )]
+    HandleLost,
     #[error("local I/O failed: {0}")]
     Local(String),
     #[error(transparent)]
@@ -60,7 +64,7 @@ impl FsError {
             FsError::NameTooLong => libc::ENAMETOOLONG,
             FsError::NoSpace => libc::ENOSPC,
             FsError::TooBig => libc::EFBIG,
-            FsError::Local(_) | FsError::UploadFailed(_) => libc::EIO,
+            FsError::Local(_) | FsError::UploadFailed(_) | FsError::HandleLost => libc::EIO,
             FsError::Store(_) => libc::EIO,
         }
     }

@@ -16,6 +16,7 @@ use fuser::{
 use tokio::runtime::Handle;
 use tracing::Instrument;
 
+use super::connection::{BARRIER_INO, SessionProbe};
 use super::inode::Kind;
 use super::{Attr, Caller, FsError, REPORTED_BLOCK_SIZE, S3Fs, SetAttr};
 use crate::s3::ObjectStore;
@@ -37,11 +38,18 @@ pub struct FuseAdapter<S> {
     fs: Arc<S3Fs<S>>,
     rt: Handle,
     after_init: Option<AfterInit>,
+    probe: Arc<SessionProbe>,
 }
 
 impl<S: ObjectStore> FuseAdapter<S> {
     pub fn new(fs: Arc<S3Fs<S>>, rt: Handle) -> Self {
-        FuseAdapter { fs, rt, after_init: None }
+        FuseAdapter { fs, rt, after_init: None, probe: Arc::default() }
+    }
+
+    /// Reports requests in flight and barriers to `probe` (for resuming and hand-over).
+    pub fn with_probe(mut self, probe: Arc<SessionProbe>) -> Self {
+        self.probe = probe;
+        self
     }
 
     /// Runs `f` on the session thread with the first request after `INIT` that goes to a task
@@ -61,9 +69,12 @@ impl<S: ObjectStore> FuseAdapter<S> {
             f();
         }
         let start = std::time::Instant::now();
+        let probe = Arc::clone(&self.probe);
+        probe.started();
         self.rt.spawn(
             async move {
                 fut.await;
+                probe.finished();
                 crate::metrics::metrics().fuse_op(op, start);
             }
             .instrument(span),
@@ -110,6 +121,20 @@ fn errno(op: &'static str, e: &FsError) -> i32 {
     e.errno()
 }
 
+fn reply_dir(entries: Result<Vec<(u64, super::DirEntry)>, FsError>, mut reply: ReplyDirectory) {
+    match entries {
+        Ok(entries) => {
+            for (next, e) in entries {
+                if reply.add(e.ino, next as i64, file_type(e.kind), &e.name) {
+                    break;
+                }
+            }
+            reply.ok();
+        }
+        Err(e) => reply.error(errno("readdir", &e)),
+    }
+}
+
 fn time_or_now(t: TimeOrNow) -> SystemTime {
     match t {
         TimeOrNow::SpecificTime(t) => t,
@@ -149,6 +174,9 @@ impl<S: ObjectStore> Filesystem for FuseAdapter<S> {
     }
 
     fn forget(&mut self, _req: &Request<'_>, ino: u64, nlookup: u64) {
+        if ino == BARRIER_INO {
+            return self.probe.barrier();
+        }
         self.fs.forget(ino, nlookup);
     }
 
@@ -187,6 +215,19 @@ impl<S: ObjectStore> Filesystem for FuseAdapter<S> {
         let Ok(offset) = u64::try_from(offset) else {
             return reply.error(libc::EINVAL);
         };
+        if fs.needs_adoption(fh) {
+            // A descriptor opened before this process took the connection over.
+            return self.spawn("read", tracing::debug_span!("read", ino, fh, offset, size), async move {
+                let read = match fs.adopt_handle(ino, fh).await {
+                    Ok(()) => fs.read(fh, offset, size).await,
+                    Err(e) => Err(e),
+                };
+                match read {
+                    Ok(parts) => reply.data(&parts.concat()),
+                    Err(e) => reply.error(errno("read", &e)),
+                }
+            });
+        }
         // Planned here, on the FUSE thread, so the access pattern sees reads in kernel order.
         let plan = self.fs.plan_read(fh, offset, size);
         self.spawn("read", tracing::trace_span!("read", ino, fh, offset, size), async move {
@@ -227,19 +268,20 @@ impl<S: ObjectStore> Filesystem for FuseAdapter<S> {
         });
     }
 
-    fn readdir(&mut self, _req: &Request<'_>, ino: u64, fh: u64, offset: i64, mut reply: ReplyDirectory) {
-        let _span = tracing::debug_span!("readdir", ino, fh, offset).entered();
-        match self.fs.readdir(ino, fh, offset.max(0) as u64) {
-            Ok(entries) => {
-                for (next, e) in entries {
-                    if reply.add(e.ino, next as i64, file_type(e.kind), &e.name) {
-                        break;
-                    }
+    fn readdir(&mut self, _req: &Request<'_>, ino: u64, fh: u64, offset: i64, reply: ReplyDirectory) {
+        let offset = offset.max(0) as u64;
+        if self.fs.dir_needs_adoption(fh) {
+            // A directory opened before this process took the connection over.
+            let fs = Arc::clone(&self.fs);
+            return self.spawn("readdir", tracing::debug_span!("readdir", ino, fh, offset), async move {
+                match fs.adopt_dir(ino, fh).await {
+                    Ok(()) => reply_dir(fs.readdir(ino, fh, offset), reply),
+                    Err(e) => reply.error(errno("readdir", &e)),
                 }
-                reply.ok();
-            }
-            Err(e) => reply.error(errno("readdir", &e)),
+            });
         }
+        let _span = tracing::debug_span!("readdir", ino, fh, offset).entered();
+        reply_dir(self.fs.readdir(ino, fh, offset), reply);
     }
 
     fn releasedir(&mut self, _req: &Request<'_>, _ino: u64, fh: u64, _flags: i32, reply: ReplyEmpty) {

@@ -10,8 +10,9 @@ use bytes::Bytes;
 use super::attrs::stat_from_meta;
 use super::inode::{Inode, Kind, Stat};
 use super::prefetch::{self, Access, ReadPattern};
+use super::recovery::HandoverHandle;
 use super::write::{self, OpenState};
-use super::{Attr, Caller, FsError, S3Fs};
+use super::{Attr, Caller, FH_GENERATION_SHIFT, FsError, S3Fs};
 use crate::cache::BlockKey;
 use crate::s3::{ObjectId, ObjectMeta, ObjectStore, S3Error};
 
@@ -80,14 +81,81 @@ pub struct ReadPlan {
 }
 
 impl<S: ObjectStore> S3Fs<S> {
+    /// A new handle number: this process's generation in the high bits, a counter, and whether
+    /// the handle writes in the low bit (so a successor knows what a lost handle was).
+    pub(super) fn handle_number(&self, writable: bool) -> u64 {
+        let n = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        (self.generation << FH_GENERATION_SHIFT) | (n << 1) | u64::from(writable)
+    }
+
+    /// Whether `fh` was handed out by an earlier process serving this connection.
+    pub(super) fn is_foreign(&self, fh: u64) -> bool {
+        self.generation > 1 && (fh >> FH_GENERATION_SHIFT) < self.generation
+    }
+
     pub(super) fn new_handle(&self, handle: FileHandle) -> u64 {
-        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        let fh = self.handle_number(handle.writable);
         self.files.lock().unwrap().insert(fh, Arc::new(handle));
         fh
     }
 
     pub(super) fn handle(&self, fh: u64) -> Result<Arc<FileHandle>, FsError> {
-        self.files.lock().unwrap().get(&fh).cloned().ok_or(FsError::BadHandle)
+        match self.files.lock().unwrap().get(&fh) {
+            Some(h) => Ok(Arc::clone(h)),
+            None if self.is_foreign(fh) && fh & 1 == 1 => Err(FsError::HandleLost),
+            None => Err(FsError::BadHandle),
+        }
+    }
+
+    /// Whether a request's handle needs [`S3Fs::adopt_handle`] first.
+    pub fn needs_adoption(&self, fh: u64) -> bool {
+        self.is_foreign(fh) && !self.files.lock().unwrap().contains_key(&fh)
+    }
+
+    /// Opens `ino` again under `fh`, a read-only handle of an earlier process serving this
+    /// connection, so a descriptor open across a restart keeps reading. A writable one is lost.
+    pub async fn adopt_handle(&self, ino: u64, fh: u64) -> Result<(), FsError> {
+        if !self.needs_adoption(fh) {
+            return Ok(());
+        }
+        if fh & 1 == 1 {
+            return Err(FsError::HandleLost);
+        }
+        self.open_as(ino, libc::O_RDONLY, Some(fh)).await.map(|_| ())
+    }
+
+    /// At a hand-over: commits every file open for writing and returns their handles, for the
+    /// successor to open again ([`S3Fs::resume_handles`]).
+    pub async fn hand_over(&self) -> Vec<HandoverHandle> {
+        let writable: Vec<(u64, Arc<FileHandle>)> =
+            self.files.lock().unwrap().iter().filter(|(_, h)| h.writable).map(|(fh, h)| (*fh, Arc::clone(h))).collect();
+        let mut out = Vec::new();
+        for (fh, handle) in writable {
+            let committed = match self.flush(fh).await {
+                Ok(()) => true,
+                Err(e) => {
+                    tracing::warn!(fh, ino = handle.ino, error = %e, "cannot save a file open for writing at the hand-over; its next write fails");
+                    false
+                }
+            };
+            out.push(HandoverHandle { fh, ino: handle.ino, flags: libc::O_RDWR, committed });
+        }
+        out
+    }
+
+    /// Opens again the handles an earlier process handed over (committed ones; the others stay
+    /// lost and fail with `EIO`).
+    pub async fn resume_handles(&self, handles: Vec<HandoverHandle>) -> usize {
+        let mut resumed = 0;
+        for h in handles.into_iter().filter(|h| h.committed) {
+            match self.open_as(h.ino, h.flags & !(libc::O_TRUNC | libc::O_CREAT | libc::O_EXCL), Some(h.fh)).await {
+                Ok(_) => resumed += 1,
+                Err(e) => {
+                    tracing::warn!(fh = h.fh, ino = h.ino, error = %e, "cannot open a handed-over file again; its next write fails")
+                }
+            }
+        }
+        resumed
     }
 
     /// The current object behind `inode`, for a read-only open. An object small enough to be
@@ -151,6 +219,18 @@ impl<S: ObjectStore> S3Fs<S> {
     /// Opens a file. Read-only opens always ask S3 for the current object, so a reopened file
     /// never serves an old version; opens for writing share the file's write state.
     pub async fn open(&self, ino: u64, flags: i32) -> Result<u64, FsError> {
+        self.open_as(ino, flags, None).await
+    }
+
+    /// [`S3Fs::open`], under the handle number `at` when given.
+    async fn open_as(&self, ino: u64, flags: i32, at: Option<u64>) -> Result<u64, FsError> {
+        let new_handle = |handle: FileHandle| match at {
+            Some(fh) => {
+                self.files.lock().unwrap().insert(fh, Arc::new(handle));
+                fh
+            }
+            None => self.new_handle(handle),
+        };
         let inode = self.inode(ino)?;
         if inode.kind == Kind::Dir {
             return Err(FsError::IsDir);
@@ -159,21 +239,21 @@ impl<S: ObjectStore> S3Fs<S> {
         let truncate = flags & libc::O_TRUNC != 0;
         if !writable && !truncate {
             if let Some(state) = inode.open_state() {
-                return Ok(self.new_handle(FileHandle::new(ino, false, HandleSource::State(state))));
+                return Ok(new_handle(FileHandle::new(ino, false, HandleSource::State(state))));
             }
             let meta = self.fetch_for_open(&inode).await?;
             let object = HandleSource::Object(Arc::new(ObjectId::from_meta(&meta)), meta.size);
-            return Ok(self.new_handle(FileHandle::new(ino, false, object)));
+            return Ok(new_handle(FileHandle::new(ino, false, object)));
         }
         self.check_writable()?;
         if !writable {
             // O_RDONLY|O_TRUNC: truncates like a writer that closes at once.
             let state = self.begin_writing(&inode, true).await?;
             self.end_writing(&inode, &state).await?;
-            return Ok(self.new_handle(FileHandle::new(ino, false, HandleSource::State(state))));
+            return Ok(new_handle(FileHandle::new(ino, false, HandleSource::State(state))));
         }
         let state = self.begin_writing(&inode, truncate).await?;
-        Ok(self.new_handle(FileHandle::new(ino, true, HandleSource::State(state))))
+        Ok(new_handle(FileHandle::new(ino, true, HandleSource::State(state))))
     }
 
     /// Creates and opens a new file; it reaches S3 when first flushed or closed.
@@ -271,7 +351,12 @@ impl<S: ObjectStore> S3Fs<S> {
 
     /// Commits the file behind `fh` (close and fsync both call this).
     pub async fn flush(&self, fh: u64) -> Result<(), FsError> {
-        let handle = self.handle(fh)?;
+        let handle = match self.handle(fh) {
+            Ok(h) => h,
+            // A read-only descriptor from before a restart, closed without a read since.
+            Err(FsError::BadHandle) if self.is_foreign(fh) => return Ok(()),
+            Err(e) => return Err(e),
+        };
         let inode = self.inode(handle.ino)?;
         let state = match &*handle.source.lock().unwrap() {
             HandleSource::State(s) => Arc::clone(s),

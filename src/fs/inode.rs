@@ -11,9 +11,10 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use super::attrs::StoredAttrs;
+use super::recovery::{InodeRecord, Journal};
 use super::write::OpenState;
 
 pub const ROOT_INO: u64 = 1;
@@ -85,6 +86,67 @@ struct Tables {
     by_ino: HashMap<u64, Arc<Inode>>,
     by_name: HashMap<(u64, String), u64>,
     next_ino: u64,
+    /// Where every change is recorded for a successor process (`--recovery-dir`).
+    journal: Option<Journal>,
+}
+
+/// A journal is rewritten from the live table once it holds this many records and four times
+/// as many as there are inodes: replay stays short, rewrites stay rare.
+const COMPACT_MIN_RECORDS: u64 = 10_000;
+
+/// Kernel references given to inodes restored from a journal: their real counts are unknown,
+/// so they stay until the process ends (memory for the inodes alive at the crash).
+const RESTORED_LOOKUPS: u64 = u64::MAX / 2;
+
+fn kind_code(kind: Kind) -> u8 {
+    match kind {
+        Kind::File => 0,
+        Kind::Dir => 1,
+        Kind::Symlink => 2,
+    }
+}
+
+fn code_kind(code: u8) -> Kind {
+    match code {
+        1 => Kind::Dir,
+        2 => Kind::Symlink,
+        _ => Kind::File,
+    }
+}
+
+impl Tables {
+    fn record(&mut self, record: InodeRecord) {
+        let live = self.by_ino.len() as u64;
+        let Some(journal) = self.journal.as_mut() else { return };
+        journal.append(&record);
+        if journal.appended >= COMPACT_MIN_RECORDS && journal.appended >= 4 * live {
+            self.compact();
+        }
+    }
+
+    /// Rewrites the journal as the records that build the table as it is now.
+    fn compact(&mut self) {
+        let Some(mut journal) = self.journal.take() else { return };
+        let mut unlinked = Vec::new();
+        let mut linked = Vec::new();
+        for inode in self.by_ino.values().filter(|i| i.ino != ROOT_INO) {
+            let (parent, name) = inode.loc.lock().unwrap().clone();
+            let new = InodeRecord::N(inode.ino, parent, kind_code(inode.kind), name.clone());
+            if self.by_name.get(&(parent, name.clone())) == Some(&inode.ino) {
+                linked.push(new);
+            } else {
+                unlinked.push(new);
+                unlinked.push(InodeRecord::U(parent, name));
+            }
+        }
+        // The highest number handed out, so a replay continues after it.
+        let high = InodeRecord::F(self.next_ino.saturating_sub(1));
+        let records = std::iter::once(high).chain(unlinked).chain(linked);
+        if let Err(e) = journal.rewrite(records) {
+            tracing::warn!(error = %e, "cannot rewrite the inode journal; it keeps growing");
+        }
+        self.journal = Some(journal);
+    }
 }
 
 #[derive(Debug)]
@@ -107,6 +169,67 @@ impl InodeTable {
         let mut tables = Tables { next_ino: ROOT_INO + 1, ..Default::default() };
         tables.by_ino.insert(ROOT_INO, root);
         InodeTable { root_key: root_key.to_owned(), tables: Mutex::new(tables) }
+    }
+
+    /// Rebuilds the table a previous process recorded, so the inode numbers the kernel holds
+    /// resolve to the same names. Attributes are unknown (the first use asks S3 again).
+    pub fn restore(&self, records: Vec<InodeRecord>) {
+        let mut t = self.tables.lock().unwrap();
+        let long_ago = Instant::now().checked_sub(Duration::from_secs(24 * 3600)).unwrap_or_else(Instant::now);
+        for r in records {
+            match r {
+                InodeRecord::N(ino, parent, kind, name) => {
+                    t.next_ino = t.next_ino.max(ino + 1);
+                    if ino == ROOT_INO {
+                        continue;
+                    }
+                    let mut stat = Stat::new(0, SystemTime::UNIX_EPOCH);
+                    stat.validated_at = long_ago;
+                    let inode = Arc::new(Inode {
+                        ino,
+                        kind: code_kind(kind),
+                        loc: Mutex::new((parent, name.clone())),
+                        stat: Mutex::new(stat),
+                        lookups: Mutex::new(RESTORED_LOOKUPS),
+                        open: Mutex::new(None),
+                        local_dir: Default::default(),
+                    });
+                    t.by_ino.insert(ino, inode);
+                    t.by_name.insert((parent, name), ino);
+                }
+                InodeRecord::M(ino, parent, name) => {
+                    let Some(inode) = t.by_ino.get(&ino).cloned() else { continue };
+                    let old = inode.loc.lock().unwrap().clone();
+                    if t.by_name.get(&old) == Some(&ino) {
+                        t.by_name.remove(&old);
+                    }
+                    t.by_name.insert((parent, name.clone()), ino);
+                    *inode.loc.lock().unwrap() = (parent, name);
+                }
+                InodeRecord::U(parent, name) => {
+                    t.by_name.remove(&(parent, name));
+                }
+                InodeRecord::F(ino) => {
+                    t.next_ino = t.next_ino.max(ino + 1);
+                    if ino == ROOT_INO {
+                        continue;
+                    }
+                    if let Some(inode) = t.by_ino.remove(&ino) {
+                        let loc = inode.loc.lock().unwrap().clone();
+                        if t.by_name.get(&loc) == Some(&ino) {
+                            t.by_name.remove(&loc);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Records every later change in `journal`, starting from a snapshot of the table now.
+    pub fn attach_journal(&self, journal: Journal) {
+        let mut t = self.tables.lock().unwrap();
+        t.journal = Some(journal);
+        t.compact();
     }
 
     pub fn get(&self, ino: u64) -> Option<Arc<Inode>> {
@@ -202,12 +325,16 @@ impl InodeTable {
         });
         t.by_ino.insert(ino, Arc::clone(&inode));
         t.by_name.insert((parent.ino, name.to_owned()), ino);
+        t.record(InodeRecord::N(ino, parent.ino, kind_code(kind), name.to_owned()));
         inode
     }
 
     /// Forgets the name `parent/name` (the object is gone); the inode lives on until `forget`.
     pub fn unlink_name(&self, parent: u64, name: &str) {
-        self.tables.lock().unwrap().by_name.remove(&(parent, name.to_owned()));
+        let mut t = self.tables.lock().unwrap();
+        if t.by_name.remove(&(parent, name.to_owned())).is_some() {
+            t.record(InodeRecord::U(parent, name.to_owned()));
+        }
     }
 
     /// Moves `inode` to `new_parent/new_name`, replacing whatever had that name.
@@ -219,6 +346,7 @@ impl InodeTable {
         }
         t.by_name.insert((new_parent, new_name.to_owned()), inode.ino);
         *inode.loc.lock().unwrap() = (new_parent, new_name.to_owned());
+        t.record(InodeRecord::M(inode.ino, new_parent, new_name.to_owned()));
     }
 
     /// Drops `n` kernel references; the inode is removed when none remain.
@@ -236,6 +364,8 @@ impl InodeTable {
             if t.by_name.get(&name_key) == Some(&ino) {
                 t.by_name.remove(&name_key);
             }
+            drop(lookups);
+            t.record(InodeRecord::F(ino));
         }
     }
 
@@ -297,5 +427,72 @@ mod tests {
         assert!(t.child(ROOT_INO, "x").is_none());
         t.forget(ROOT_INO, 100);
         assert!(t.get(ROOT_INO).is_some());
+    }
+
+    fn replayed(dir: &std::path::Path) -> InodeTable {
+        let r = crate::fs::recovery::RecoveryDir::open(dir).unwrap();
+        let (records, journal) = r.inodes().unwrap();
+        let t = InodeTable::new("p/");
+        t.restore(records);
+        t.attach_journal(journal);
+        t
+    }
+
+    #[test]
+    fn a_journal_rebuilds_numbers_names_and_renames() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = replayed(dir.path());
+        let root = t.get(ROOT_INO).unwrap();
+        let d = t.upsert(&root, "d", Kind::Dir, stat(), true);
+        let f = t.upsert(&d, "f", Kind::File, stat(), true);
+        let g = t.upsert(&root, "g", Kind::Symlink, stat(), true);
+        let gone = t.upsert(&root, "gone", Kind::File, stat(), true);
+        let e = t.upsert(&root, "e", Kind::Dir, stat(), true);
+        t.rename(&d, e.ino, "moved");
+        t.unlink_name(ROOT_INO, "g");
+        t.forget(gone.ino, 1);
+        drop(t);
+
+        let t = replayed(dir.path());
+        assert_eq!(t.key(&t.get(f.ino).unwrap()), "p/e/moved/f");
+        assert_eq!(t.child(e.ino, "moved").unwrap().ino, d.ino);
+        assert_eq!(t.get(g.ino).unwrap().kind, Kind::Symlink, "an unlinked inode stays for the kernel");
+        assert!(t.child(ROOT_INO, "g").is_none());
+        assert!(t.get(gone.ino).is_none() && t.child(ROOT_INO, "gone").is_none());
+        // New numbers continue after every number handed out, also forgotten ones.
+        let root = t.get(ROOT_INO).unwrap();
+        let h = t.upsert(&root, "h", Kind::File, stat(), true);
+        assert!(h.ino > gone.ino);
+        // Restored inodes stay whatever the kernel forgets (their counts are not known).
+        t.forget(f.ino, 1000);
+        assert!(t.get(f.ino).is_some());
+    }
+
+    #[test]
+    fn a_compacted_journal_replays_to_the_same_table() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = replayed(dir.path());
+        let root = t.get(ROOT_INO).unwrap();
+        let keep = t.upsert(&root, "keep", Kind::File, stat(), true);
+        let old = t.upsert(&root, "same", Kind::File, stat(), true);
+        t.unlink_name(ROOT_INO, "same");
+        let new = t.upsert(&root, "same", Kind::File, stat(), true);
+        // Enough churn to rewrite the journal several times.
+        for i in 0..(3 * COMPACT_MIN_RECORDS) {
+            let x = t.upsert(&root, &format!("tmp{}", i % 7), Kind::File, stat(), true);
+            t.forget(x.ino, 1);
+        }
+        let high = t.upsert(&root, "last", Kind::File, stat(), true).ino;
+        drop(t);
+        let lines = std::fs::read_to_string(dir.path().join("inodes")).unwrap().lines().count() as u64;
+        assert!(lines < 2 * COMPACT_MIN_RECORDS, "the journal was compacted ({lines} lines)");
+
+        let t = replayed(dir.path());
+        assert_eq!(t.child(ROOT_INO, "keep").unwrap().ino, keep.ino);
+        assert_eq!(t.child(ROOT_INO, "same").unwrap().ino, new.ino, "the replacing inode owns the name");
+        assert!(t.get(old.ino).is_some(), "the replaced inode is kept, without a name");
+        assert_eq!(t.len(), 5, "root, keep, both `same`, last");
+        let root = t.get(ROOT_INO).unwrap();
+        assert!(t.upsert(&root, "next", Kind::File, stat(), true).ino > high);
     }
 }

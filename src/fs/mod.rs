@@ -30,6 +30,7 @@
 //! Every std mutex is released before any `await`.
 
 pub mod attrs;
+pub mod connection;
 pub mod error;
 pub mod fuse;
 mod handles;
@@ -37,6 +38,7 @@ pub mod inode;
 mod namespace;
 pub mod prefetch;
 pub mod records;
+pub mod recovery;
 mod setattr;
 pub mod write;
 
@@ -55,6 +57,7 @@ use namespace::DirHandle;
 pub use namespace::{RESERVED_NAME, valid_name};
 use prefetch::Fetcher;
 use records::{RecordEntry, Records, dir_entry_name};
+use recovery::RecoveryDir;
 use write::WriteCtx;
 
 use crate::cache::BlockCache;
@@ -148,6 +151,21 @@ pub struct SetAttr {
     pub atime: Option<SystemTime>,
 }
 
+/// Handle numbers keep the generation of the process that made them from this bit up.
+pub const FH_GENERATION_SHIFT: u32 = 40;
+
+/// What a process found in its recovery directory (see [`S3Fs::attach_recovery`]).
+#[derive(Debug)]
+pub struct Recovered {
+    pub generation: u64,
+    /// Inodes known after the restore (1: only the root).
+    pub inodes: usize,
+    /// Multipart uploads started and never finished: (key, upload id).
+    pub orphans: Vec<(String, String)>,
+    /// Files handed over open for writing (a graceful hand-over), or `None` after a crash.
+    pub handover: Option<Vec<recovery::HandoverHandle>>,
+}
+
 /// The filesystem over one bucket (or prefix).
 pub struct S3Fs<S> {
     store: Arc<S>,
@@ -158,6 +176,9 @@ pub struct S3Fs<S> {
     files: Mutex<HashMap<u64, Arc<FileHandle>>>,
     dirs: Mutex<HashMap<u64, Arc<DirHandle>>>,
     next_fh: AtomicU64,
+    /// Which process serving this connection this is (1 for the one that mounted it); handle
+    /// numbers carry it, see [`FH_GENERATION_SHIFT`].
+    generation: u64,
     copy_object_max: u64,
     /// When the mount started: the stable mtime of directories without stored attributes.
     started: SystemTime,
@@ -201,12 +222,43 @@ impl<S: ObjectStore> S3Fs<S> {
             files: Mutex::new(HashMap::new()),
             dirs: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
+            generation: 0,
             copy_object_max: COPY_OBJECT_MAX,
             started: SystemTime::now(),
             markers: std::sync::atomic::AtomicBool::new(true),
             records,
             flusher: Mutex::new(None),
         })
+    }
+
+    /// Keeps what a successor process needs in `dir` from now on, and with `takeover` first
+    /// restores what the previous process serving this connection left there. Call before the
+    /// session starts. [`S3Fs::finish_recovery`] does the S3 part.
+    pub fn attach_recovery(&mut self, dir: &RecoveryDir, takeover: bool) -> std::io::Result<Recovered> {
+        if !takeover {
+            dir.clear()?;
+        }
+        self.generation = dir.next_generation()?;
+        let (records, journal) = dir.inodes()?;
+        if takeover {
+            self.inodes.restore(records);
+        }
+        self.inodes.attach_journal(journal);
+        let (orphans, uploads) = dir.uploads()?;
+        self.writes.uploads.attach_journal(uploads);
+        let handover = if takeover { dir.take_handover()? } else { None };
+        Ok(Recovered { generation: self.generation, inodes: self.inodes.len(), orphans, handover })
+    }
+
+    /// After [`S3Fs::attach_recovery`]: aborts the uploads the previous process left and opens
+    /// again the files it handed over. Returns (uploads aborted, handles opened again).
+    pub async fn finish_recovery(&self, recovered: Recovered) -> (usize, usize) {
+        let aborted = self.writes.uploads.abort_orphans(recovered.orphans).await;
+        let resumed = match recovered.handover {
+            Some(handles) => self.resume_handles(handles).await,
+            None => 0,
+        };
+        (aborted, resumed)
     }
 
     /// Checks once, at mount time, that the server keeps an empty directory marker object: it
@@ -421,6 +473,73 @@ mod tests {
         }
         fs.release(fh).await.unwrap();
         out
+    }
+
+    /// A filesystem serving a connection after `previous` (None: a fresh mount), as the
+    /// daemon builds it from `--recovery-dir`.
+    async fn successor(store: &Arc<FakeStore>, dir: &std::path::Path, takeover: bool) -> S3Fs<FakeStore> {
+        let mut fs = fs_with(Arc::clone(store), "", Duration::from_secs(60));
+        let found = fs.attach_recovery(&RecoveryDir::open(dir).unwrap(), takeover).unwrap();
+        fs.finish_recovery(found).await;
+        fs
+    }
+
+    #[tokio::test]
+    async fn a_successor_keeps_inode_numbers_and_read_handles_and_fails_lost_writers() {
+        let store = Arc::new(FakeStore::new("b"));
+        store.put("d/r.txt", "readable");
+        let dir = tempfile::tempdir().unwrap();
+        let first = successor(&store, dir.path(), false).await;
+        let d = first.lookup(ROOT_INO, "d").await.unwrap();
+        let r = first.lookup(d.ino, "r.txt").await.unwrap();
+        let reader = first.open(r.ino, libc::O_RDONLY).await.unwrap();
+        let (w, writer) = first.create(Caller { uid: 0, gid: 0 }, d.ino, "w.txt", 0o644, libc::O_WRONLY).await.unwrap();
+        first.write(writer, 0, b"lost").await.unwrap();
+        let dh = first.opendir(d.ino).await.unwrap();
+        drop(first); // a crash: nothing is committed or released
+
+        let second = successor(&store, dir.path(), true).await;
+        // The kernel's numbers still mean the same files, without a lookup.
+        assert_eq!(second.getattr(r.ino).await.unwrap().size, 8);
+        assert!(second.needs_adoption(reader));
+        second.adopt_handle(r.ino, reader).await.unwrap();
+        assert_eq!(second.read(reader, 0, 100).await.unwrap().concat(), b"readable");
+        assert!(matches!(second.adopt_handle(w.ino, writer).await, Err(FsError::HandleLost)));
+        assert!(matches!(second.write(writer, 4, b"more").await, Err(FsError::HandleLost)));
+        assert!(matches!(second.flush(writer).await, Err(FsError::HandleLost)));
+        second.release(writer).await.unwrap();
+        assert!(store.data("d/w.txt").is_none(), "nothing of the lost file reaches S3");
+        second.adopt_dir(d.ino, dh).await.unwrap();
+        let listed: Vec<String> = second.readdir(d.ino, dh, 2).unwrap().into_iter().map(|(_, e)| e.name).collect();
+        assert_eq!(listed, ["r.txt"]);
+        // A read-only descriptor closed without a read since the restart.
+        second.flush(reader ^ (1 << 20)).await.unwrap();
+        // Its own handles are new numbers, never those of the first process.
+        let again = second.open(r.ino, libc::O_RDONLY).await.unwrap();
+        assert!(again != reader && !second.needs_adoption(again));
+    }
+
+    #[tokio::test]
+    async fn a_hand_over_commits_writers_and_the_successor_keeps_writing() {
+        let store = Arc::new(FakeStore::new("b"));
+        let dir = tempfile::tempdir().unwrap();
+        let first = successor(&store, dir.path(), false).await;
+        let (w, fh) = first.create(Caller { uid: 0, gid: 0 }, ROOT_INO, "w.txt", 0o644, libc::O_WRONLY).await.unwrap();
+        first.write(fh, 0, b"before ").await.unwrap();
+        let handles = first.hand_over().await;
+        assert_eq!(handles.len(), 1);
+        assert!(handles[0].committed);
+        assert_eq!(store.data("w.txt").unwrap(), &b"before "[..], "committed at the hand-over");
+        RecoveryDir::open(dir.path()).unwrap().write_handover(&handles).unwrap();
+        drop(first);
+
+        let second = successor(&store, dir.path(), true).await;
+        assert!(!second.needs_adoption(fh), "the handed-over handle is open again");
+        second.write(fh, 7, b"after").await.unwrap();
+        second.flush(fh).await.unwrap();
+        second.release(fh).await.unwrap();
+        assert_eq!(store.data("w.txt").unwrap(), &b"before after"[..]);
+        assert_eq!(second.getattr(w.ino).await.unwrap().size, 12);
     }
 
     #[tokio::test]

@@ -576,9 +576,26 @@ impl<S: ObjectStore> S3Fs<S> {
     pub async fn opendir(&self, ino: u64) -> Result<u64, FsError> {
         let dir = self.dir_inode(ino)?;
         let entries = self.list_dir(&dir).await?;
-        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        let fh = self.handle_number(false);
         self.dirs.lock().unwrap().insert(fh, Arc::new(DirHandle { entries }));
         Ok(fh)
+    }
+
+    /// Whether a `readdir` on `fh` needs [`S3Fs::adopt_dir`] first.
+    pub fn dir_needs_adoption(&self, fh: u64) -> bool {
+        self.is_foreign(fh) && !self.dirs.lock().unwrap().contains_key(&fh)
+    }
+
+    /// Lists `ino` again under `fh`, a directory handle of an earlier process serving this
+    /// connection; a listing in progress continues from the same offset.
+    pub async fn adopt_dir(&self, ino: u64, fh: u64) -> Result<(), FsError> {
+        if !self.dir_needs_adoption(fh) {
+            return Ok(());
+        }
+        let dir = self.dir_inode(ino)?;
+        let entries = self.list_dir(&dir).await?;
+        self.dirs.lock().unwrap().insert(fh, Arc::new(DirHandle { entries }));
+        Ok(())
     }
 
     pub(super) async fn list_dir(&self, dir: &Arc<Inode>) -> Result<Vec<DirEntry>, FsError> {

@@ -16,6 +16,7 @@ use bytes::Bytes;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::task::JoinSet;
 
+use crate::fs::recovery::{Journal, UploadRecord};
 use crate::s3::{CompletedPart, ObjectId, ObjectStore, S3Error, UserMetadata};
 
 /// How long a caller waits for the first attempt to abort a failed upload: a healthy server
@@ -33,16 +34,48 @@ pub struct Uploads {
     aborting: Mutex<BTreeMap<String, String>>,
     /// Signalled whenever an abort finishes (for [`Uploads::finish`]).
     settled: tokio::sync::Notify,
+    /// Where uploads in flight are recorded, so a process taking over after a crash aborts
+    /// them (`--recovery-dir`).
+    journal: Mutex<Option<Journal>>,
 }
 
 impl Uploads {
     pub fn new(store: Arc<dyn ObjectStore>) -> Arc<Self> {
-        Arc::new(Uploads { store, aborting: Mutex::new(BTreeMap::new()), settled: tokio::sync::Notify::new() })
+        Arc::new(Uploads {
+            store,
+            aborting: Mutex::new(BTreeMap::new()),
+            settled: tokio::sync::Notify::new(),
+            journal: Mutex::new(None),
+        })
+    }
+
+    /// Records every upload started from now on in `journal` until it completes or is aborted.
+    pub fn attach_journal(&self, journal: Journal) {
+        *self.journal.lock().unwrap() = Some(journal);
+    }
+
+    fn record(&self, record: UploadRecord) {
+        if let Some(j) = self.journal.lock().unwrap().as_mut() {
+            j.append(&record);
+        }
+    }
+
+    /// Aborts uploads an earlier process started and never finished (it crashed), so nothing it
+    /// was writing becomes visible and no parts are left. Returns how many were aborted.
+    pub async fn abort_orphans(self: &Arc<Self>, orphans: Vec<(String, String)>) -> usize {
+        let n = orphans.len();
+        for (key, id) in orphans {
+            tracing::info!(key, upload_id = id, "aborting a multipart upload left by the previous mount process");
+            self.record(UploadRecord::Start(key.clone(), id.clone()));
+            self.abort(&key, &id).await;
+        }
+        n
     }
 
     /// Starts a multipart upload of `key` with `metadata`.
     pub async fn begin(self: &Arc<Self>, key: &str, metadata: &UserMetadata) -> Result<Multipart, S3Error> {
         let id = self.store.create_multipart_upload(key, metadata).await?;
+        self.record(UploadRecord::Start(key.to_owned(), id.clone()));
         Ok(Multipart {
             uploads: Arc::clone(self),
             key: key.to_owned(),
@@ -60,8 +93,8 @@ impl Uploads {
         self.aborting.lock().unwrap().insert(upload_id.to_owned(), key.to_owned());
         match tokio::time::timeout(ABORT_INLINE_WAIT, self.store.abort_multipart_upload(key, upload_id)).await {
             // Already gone (completed after all, or aborted before): nothing is left behind.
-            Ok(Ok(())) => return self.settle(upload_id),
-            Ok(Err(e)) if already_gone(&e) => return self.settle(upload_id),
+            Ok(Ok(())) => return self.aborted(upload_id),
+            Ok(Err(e)) if already_gone(&e) => return self.aborted(upload_id),
             Ok(Err(e)) => {
                 tracing::warn!(key, upload_id, error = %e, "cannot abort multipart upload yet; retrying in the background")
             }
@@ -98,10 +131,10 @@ impl Uploads {
                     delay = (delay * 2).min(ABORT_RETRY_MAX);
                 }
                 match this.store.abort_multipart_upload(&key, &upload_id).await {
-                    Err(e) if already_gone(&e) => return this.settle(&upload_id),
+                    Err(e) if already_gone(&e) => return this.aborted(&upload_id),
                     Ok(()) => {
                         tracing::info!(key, upload_id, "aborted multipart upload");
-                        return this.settle(&upload_id);
+                        return this.aborted(&upload_id);
                     }
                     Err(e) => tracing::debug!(key, upload_id, error = %e, "abort attempt failed"),
                 }
@@ -114,6 +147,12 @@ impl Uploads {
             );
             this.settle(&upload_id);
         });
+    }
+
+    /// The upload is gone from S3: settled, and no longer in the journal.
+    fn aborted(&self, upload_id: &str) {
+        self.record(UploadRecord::End(upload_id.to_owned()));
+        self.settle(upload_id);
     }
 
     fn settle(&self, upload_id: &str) {
@@ -214,6 +253,7 @@ impl Multipart {
         match result {
             Ok(etag) => {
                 self.open = false;
+                self.uploads.record(UploadRecord::End(self.id.clone()));
                 Ok(etag)
             }
             Err(e) => {
