@@ -86,6 +86,9 @@ pub enum Request {
     List,
     /// From a newer keeper: hand every volume over on this connection.
     HandOver { keeper_id: Option<String> },
+    /// From the newer keeper: it holds the offered descriptor of `volume`; the old keeper may
+    /// now end its process.
+    Accept { volume: String },
     /// From the newer keeper: its successor for `volume` serves.
     Confirm { volume: String },
     /// From the newer keeper: it could not start a successor for `volume`.
@@ -282,6 +285,7 @@ mod tests {
             Request::Stop { volume: "v".into() },
             Request::List,
             Request::HandOver { keeper_id: Some("pod-1".into()) },
+            Request::Accept { volume: "v".into() },
             Request::Confirm { volume: "v".into() },
             Request::Decline { volume: "v".into(), error: "boom".into() },
         ];

@@ -426,7 +426,7 @@ impl Shared {
                 let _ = conn.stream().set_read_timeout(Some(self.config.ready_timeout + REQUEST_READ_TIMEOUT));
                 return self.hand_over(conn, keeper_id);
             }
-            Request::Confirm { .. } | Request::Decline { .. } => Response::Error {
+            Request::Accept { .. } | Request::Confirm { .. } | Request::Decline { .. } => Response::Error {
                 kind: ErrorKind::Refused,
                 message: "confirm and decline belong to a hand-over connection".into(),
             },
@@ -453,8 +453,9 @@ impl Shared {
             };
             let offer = Response::Offer { spec: vol.spec.clone(), restarts, takeovers };
             let mut step = HandoverStep::Offered;
-            if let Err(e) = conn.send(&offer, Some(vol.fuse.as_fd())) {
-                tracing::warn!(volume = vol.name(), error = %e, "hand-over connection lost");
+            let accepted = conn.send(&offer, Some(vol.fuse.as_fd())).and_then(|()| conn.recv::<Request>());
+            if !matches!(&accepted, Ok(Some(Request::Accept { volume })) if *volume == name) {
+                tracing::warn!(volume = vol.name(), answer = ?accepted, "the newer keeper did not accept the volume; keeping it");
                 self.after_hand_over(&vol, step);
                 return self.abandon_hand_over();
             }
@@ -537,7 +538,12 @@ impl Shared {
                             tracing::warn!(volume = spec.volume_id, "offer without a descriptor; ignoring it");
                             break false;
                         };
+                        let volume = spec.volume.clone();
                         pending = Some((Volume::new(spec, fd, restarts, takeovers), TakeoverStep::Received));
+                        if let Err(e) = conn.send(&Request::Accept { volume }, None) {
+                            tracing::warn!(error = %e, "cannot accept an offered volume");
+                            break false;
+                        }
                     }
                     Ok(Some(Response::Exited { volume, status })) => {
                         let Some((vol, _)) = pending.take().filter(|(v, _)| v.spec.volume == volume) else {
