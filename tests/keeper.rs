@@ -161,6 +161,7 @@ fn a_crashed_mount_process_gets_a_successor_on_the_same_descriptor_at_once() {
     std::fs::remove_file(spec.mountpoint.join(FAKE_MOUNT)).unwrap();
     kill(third, libc::SIGKILL);
     eventually("the volume is dropped", || client.list().unwrap().is_empty());
+    assert!(!spec.recovery_dir.exists(), "with its journal");
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(s.processes().len(), 3);
 }

@@ -356,6 +356,7 @@ impl Shared {
         vol.changed.notify_all();
     }
 
+    /// Forgets a volume whose mount is gone; its journal is of no use any more.
     fn drop_volume(&self, vol: &Arc<Volume>) {
         {
             let mut volumes = self.volumes();
@@ -363,6 +364,7 @@ impl Shared {
                 volumes.remove(&vol.spec.volume);
             }
         }
+        remove_recovery_dir(vol);
         self.release(vol);
     }
 
@@ -378,12 +380,7 @@ impl Shared {
             }
         }
         self.volumes().remove(volume);
-        match std::fs::remove_dir_all(&vol.spec.recovery_dir) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                tracing::warn!(volume = vol.name(), path = %vol.spec.recovery_dir.display(), error = %e, "cannot remove the recovery directory");
-            }
-            _ => {}
-        }
+        remove_recovery_dir(&vol);
         tracing::info!(volume = vol.name(), "volume stopped");
         Ok(())
     }
@@ -603,6 +600,15 @@ impl Shared {
             "the old keeper still holds volumes after {HANDOVER_ROUNDS} hand-over attempts; it keeps serving them"
         );
         taken
+    }
+}
+
+fn remove_recovery_dir(vol: &Volume) {
+    match std::fs::remove_dir_all(&vol.spec.recovery_dir) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            tracing::warn!(volume = vol.name(), path = %vol.spec.recovery_dir.display(), error = %e, "cannot remove the recovery directory");
+        }
+        _ => {}
     }
 }
 
