@@ -51,6 +51,23 @@ enum Command {
     Mount(MountArgs),
     /// Serve the CSI Identity, Controller and Node services on a Unix socket.
     Csi(CsiArgs),
+    /// Hold every staged volume's FUSE connection and run its mount process, restarting it on
+    /// the same connection when it dies (the node service talks to it over a Unix socket).
+    Keeper(KeeperArgs),
+}
+
+#[derive(Args, Debug)]
+struct KeeperArgs {
+    /// The node's state directory (as given to `s3csi csi --state-dir`).
+    #[arg(long, value_name = "DIR")]
+    state_dir: PathBuf,
+    /// Socket to serve on (default: <state-dir>/keeper.sock).
+    #[arg(long, value_name = "PATH")]
+    socket: Option<PathBuf>,
+    /// This keeper's identity across restarts of its process, e.g. the pod UID: a keeper that
+    /// handed its volumes over to a newer one stays idle when restarted.
+    #[arg(long, value_name = "ID", env = "POD_UID")]
+    keeper_id: Option<String>,
 }
 
 #[derive(Args, Debug)]
@@ -82,6 +99,13 @@ struct CsiArgs {
     /// Serve Prometheus metrics on host:port (GET /metrics), including every mount on this node.
     #[arg(long, value_name = "ADDR")]
     metrics_address: Option<std::net::SocketAddr>,
+    /// The keeper's socket, which runs the mount processes (default: <state-dir>/keeper.sock).
+    #[arg(long, value_name = "PATH")]
+    keeper_socket: Option<PathBuf>,
+    /// Start `s3csi keeper` when none answers on the keeper socket. Off in Kubernetes, where the
+    /// keeper runs in its own container.
+    #[arg(long, value_name = "BOOL", default_value_t = true, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    spawn_keeper: bool,
 }
 
 #[derive(Args, Debug)]
@@ -256,6 +280,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Mount(args) => run_mount(args),
         Command::Csi(args) => run_csi(args),
+        Command::Keeper(args) => run_keeper(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -303,6 +328,8 @@ fn run_csi(args: CsiArgs) -> anyhow::Result<()> {
             credentials: None,
             timeouts: Timeouts::default(),
         },
+        keeper_socket: args.keeper_socket.unwrap_or_else(|| args.state_dir.join(s3csi::keeper::SOCKET_NAME)),
+        spawn_keeper: args.spawn_keeper,
         state_dir: args.state_dir,
         metrics_address: args.metrics_address,
         mount_exe: std::env::current_exe().context("cannot find the s3csi executable")?,
@@ -318,6 +345,31 @@ fn run_csi(args: CsiArgs) -> anyhow::Result<()> {
         tokio::select! {
             _ = term.recv() => tracing::info!("SIGTERM received; stopping (mounts keep running)"),
             _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received; stopping (mounts keep running)"),
+        }
+    }))
+}
+
+fn run_keeper(args: KeeperArgs) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let exe = std::env::current_exe().context("cannot find the s3csi executable")?;
+    let mut config = s3csi::keeper::KeeperConfig::new(args.state_dir, exe);
+    if let Some(socket) = args.socket {
+        config.socket = socket;
+    }
+    config.keeper_id = args.keeper_id.filter(|id| !id.trim().is_empty());
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .thread_name("s3csi-keeper")
+        .build()
+        .context("cannot start the async runtime")?;
+    let table = std::sync::Arc::new(s3csi::keeper::SystemMountTable);
+    rt.block_on(s3csi::keeper::run(config, table, async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler can be installed");
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM received"),
+            _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
         }
     }))
 }

@@ -61,6 +61,12 @@ pub struct RpcLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct VolumeLabels {
+    /// The CSI volume id.
+    pub volume: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct MethodLabels {
     pub method: &'static str,
 }
@@ -85,6 +91,8 @@ pub struct Metrics {
     pub fuse_seconds: Family<OperationLabels, Histogram>,
     pub csi_rpcs: Family<RpcLabels, Counter>,
     pub csi_seconds: Family<MethodLabels, Histogram>,
+    pub mount_restarts: Family<VolumeLabels, Counter>,
+    pub mount_takeovers: Family<VolumeLabels, Counter>,
 }
 
 /// Latency buckets from 0.5 ms to about 33 s, doubling.
@@ -114,6 +122,8 @@ impl Metrics {
             fuse_seconds: Family::new_with_constructor(latency_histogram),
             csi_rpcs: Family::default(),
             csi_seconds: Family::new_with_constructor(latency_histogram),
+            mount_restarts: Family::default(),
+            mount_takeovers: Family::default(),
         };
         registry.register(S3_REQUESTS, "S3 requests by operation and outcome", m.s3_requests.clone());
         registry.register(S3_REQUEST_SECONDS, "S3 request latency by operation", m.s3_seconds.clone());
@@ -129,6 +139,16 @@ impl Metrics {
         registry.register(FUSE_OP_SECONDS, "FUSE operation latency by type", m.fuse_seconds.clone());
         registry.register(CSI_RPCS, "CSI RPCs by method and gRPC status code", m.csi_rpcs.clone());
         registry.register(CSI_RPC_SECONDS, "CSI RPC latency by method", m.csi_seconds.clone());
+        registry.register(
+            crate::keeper::MOUNT_RESTARTS,
+            "Mount processes started again by the keeper after one ended without being asked, by volume",
+            m.mount_restarts.clone(),
+        );
+        registry.register(
+            crate::keeper::MOUNT_TAKEOVERS,
+            "Volumes taken over from an earlier keeper (upgrades), by volume",
+            m.mount_takeovers.clone(),
+        );
         Metrics { registry, ..m }
     }
 
@@ -157,6 +177,18 @@ impl Metrics {
     pub fn fuse_op(&self, operation: &'static str, start: Instant) {
         self.fuse_ops.get_or_create(&OperationLabels { operation }).inc();
         self.fuse_seconds.get_or_create(&OperationLabels { operation }).observe(start.elapsed().as_secs_f64());
+    }
+
+    /// Sets the keeper's per-volume counters from its volume list (counts travel with a volume
+    /// from keeper to keeper, so they are copied rather than incremented here).
+    pub fn export_mounts(&self, volumes: &[crate::keeper::protocol::VolumeInfo]) {
+        self.mount_restarts.clear();
+        self.mount_takeovers.clear();
+        for v in volumes {
+            let labels = VolumeLabels { volume: v.volume_id.clone() };
+            self.mount_restarts.get_or_create(&labels).inc_by(v.restarts);
+            self.mount_takeovers.get_or_create(&labels).inc_by(v.takeovers);
+        }
     }
 
     /// Records one CSI RPC.

@@ -428,7 +428,19 @@ fn a_dead_mount_is_cleaned_up_and_mounted_again() {
     let (staging, target) = mount_volume(&d, &vol, &no_secrets(), "d");
     std::fs::write(target.join("f"), b"survives").unwrap();
     d.unpublish(&vol.volume_id, &target).unwrap();
-    for pid in processes_with_arg(&staging) {
+    // A killed mount process alone: the keeper serves the same mount with a successor.
+    let first = processes_with_arg(&staging);
+    for pid in &first {
+        // SAFETY: plain kill of a test child.
+        unsafe { libc::kill(*pid as i32, libc::SIGKILL) };
+    }
+    assert!(wait_until(Duration::from_secs(10), || {
+        let now = processes_with_arg(&staging);
+        now.len() == 1 && !first.contains(&now[0])
+    }));
+    assert_eq!(std::fs::read(staging.join("f")).unwrap(), b"survives", "the mount never went away");
+    // The keeper killed too: the mount dies with it.
+    for pid in processes_with_arg(&d.state_dir).into_iter().chain(processes_with_arg(&staging)) {
         // SAFETY: plain kill of a test child.
         unsafe { libc::kill(pid as i32, libc::SIGKILL) };
     }
@@ -436,7 +448,7 @@ fn a_dead_mount_is_cleaned_up_and_mounted_again() {
         std::fs::metadata(&staging).err().and_then(|e| e.raw_os_error()) == Some(libc::ENOTCONN)
     }));
     assert_eq!(code_of(d.publish(&vol.volume_id, &staging, &target, false)), Code::FailedPrecondition);
-    // Staging again finds the dead mount, detaches it and mounts afresh.
+    // Staging again finds the dead mount, detaches it and mounts afresh (with a new keeper).
     d.stage(d.stage_req(&vol, &staging, &no_secrets())).unwrap();
     assert!(std::fs::metadata(&staging).is_ok(), "the staging path answers again");
     assert_eq!(processes_with_arg(&staging).len(), 1);

@@ -152,20 +152,50 @@ fn the_base_has_the_driver_objects_with_the_fields_it_needs() {
 
     // Node: s3csi --mode node, registrar, livenessprobe; /dev/fuse, Bidirectional kubelet dir.
     let node = find(&objects, "DaemonSet", "s3csi-node");
-    assert_eq!(s(&node["spec"]["updateStrategy"]["type"]), "OnDelete", "updates must not kill running mounts");
+    // A new pod starts beside the old one, whose keeper hands the volumes over; never both gone.
+    let update = &node["spec"]["updateStrategy"];
+    assert_eq!(s(&update["type"]), "RollingUpdate");
+    assert_eq!(update["rollingUpdate"]["maxSurge"].as_i64(), Some(1));
+    assert_eq!(update["rollingUpdate"]["maxUnavailable"].as_i64(), Some(0));
     let spec = &node["spec"]["template"]["spec"];
+    // Two node pods share a node during the surge: no host ports, no host network.
+    assert!(spec["hostNetwork"].is_badvalue() || spec["hostNetwork"].as_bool() == Some(false));
+    for c in spec["containers"].as_vec().unwrap() {
+        for p in c["ports"].as_vec().map(Vec::as_slice).unwrap_or_default() {
+            assert!(p["hostPort"].is_badvalue(), "container {} uses a host port: {p:?}", s(&c["name"]));
+        }
+    }
     let s3csi = container(spec, "s3csi");
     let args = strings(&s3csi["args"]);
     assert!(
         args.contains(&"--mode=node".to_owned()) && args.contains(&"--csi-endpoint=unix:///csi/csi.sock".to_owned())
     );
+    assert!(args.contains(&"--spawn-keeper=false".to_owned()), "the keeper has its own container: {args:?}");
     assert_binary_accepts(&args);
+
+    // The keeper: same image and state directory, privileged, /dev/fuse, Bidirectional kubelet
+    // dir, its pod's UID as identity, and no liveness probe (a restart ends every mount).
+    let keeper = container(spec, "keeper");
+    assert_eq!(s(&keeper["image"]), s(&s3csi["image"]));
+    let kargs = strings(&keeper["args"]);
+    assert_eq!(kargs.first().map(String::as_str), Some("keeper"));
+    let kstate = kargs.iter().find_map(|a| a.strip_prefix("--state-dir=")).expect("keeper --state-dir");
+    assert_eq!(Some(kstate), args.iter().find_map(|a| a.strip_prefix("--state-dir=")), "one state directory");
+    assert_binary_accepts(&kargs);
+    assert_eq!(keeper["securityContext"]["privileged"].as_bool(), Some(true));
+    assert!(keeper["livenessProbe"].is_badvalue(), "no liveness probe on the keeper");
+    let kkubelet = mount_path(keeper, "kubelet-dir");
+    assert_eq!(s(&kkubelet["mountPath"]), "/var/lib/kubelet");
+    assert_eq!(s(&kkubelet["mountPropagation"]), "Bidirectional");
+    assert_eq!(s(&mount_path(keeper, "fuse-device")["mountPath"]), "/dev/fuse");
+    mount_path(keeper, "plugin-dir");
+    let pod_uid = keeper["env"].as_vec().unwrap().iter().find(|e| s(&e["name"]) == "POD_UID").expect("POD_UID");
+    assert_eq!(s(&pod_uid["valueFrom"]["fieldRef"]["fieldPath"]), "metadata.uid");
     assert_eq!(s3csi["securityContext"]["privileged"].as_bool(), Some(true));
     let kubelet = mount_path(s3csi, "kubelet-dir");
     assert_eq!(s(&kubelet["mountPath"]), "/var/lib/kubelet");
     assert_eq!(s(&kubelet["mountPropagation"]), "Bidirectional");
     assert_eq!(host_path(spec, "kubelet-dir"), "/var/lib/kubelet");
-    assert_eq!(s(&mount_path(s3csi, "fuse-device")["mountPath"]), "/dev/fuse");
     assert_eq!(host_path(spec, "fuse-device"), "/dev/fuse");
     let plugin_dir = host_path(spec, "plugin-dir");
     assert_eq!(plugin_dir, format!("/var/lib/kubelet/plugins/{DEFAULT_DRIVER_NAME}"));

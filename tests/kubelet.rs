@@ -572,8 +572,9 @@ fn the_node_touches_only_its_own_mounts() {
     Command::new("umount").arg(&elsewhere).status().unwrap();
 }
 
-/// A mount whose process was killed looks alive to `stat` for as long as the kernel caches
-/// attributes (here an hour); the node must still see that it is dead and mount it again.
+/// A mount whose processes were killed (its mount process and the keeper holding its
+/// connection) looks alive to `stat` for as long as the kernel caches attributes (here an hour);
+/// the node must still see that it is dead and mount it again.
 #[test]
 fn a_killed_mount_process_is_dead_even_with_a_long_metadata_ttl() {
     let server = S3Server::start();
@@ -589,8 +590,12 @@ fn a_killed_mount_process_is_dead_even_with_a_long_metadata_ttl() {
     let staging = kubelet.staging_path(&pv);
     let pids = processes_with_arg(&staging);
     assert_eq!(pids.len(), 1);
-    // SAFETY: plain kill of a test child.
-    unsafe { libc::kill(pids[0] as i32, libc::SIGKILL) };
+    let keeper = processes_with_arg(&d.state_dir);
+    assert_eq!(keeper.len(), 1, "the keeper the node started");
+    for pid in keeper.into_iter().chain(pids) {
+        // SAFETY: plain kill of a test child.
+        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    }
     assert!(wait_until(Duration::from_secs(10), || processes_with_arg(&staging).is_empty()));
     // The kernel still answers stat from its cache: exactly the trap.
     assert!(std::fs::metadata(&staging).is_ok(), "stat is answered from the attribute cache");

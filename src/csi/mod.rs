@@ -63,6 +63,11 @@ pub struct CsiConfig {
     pub metrics_address: Option<std::net::SocketAddr>,
     /// The `s3csi` binary the node runs for each mount.
     pub mount_exe: PathBuf,
+    /// The keeper's socket (`s3csi keeper`), which runs the mount processes.
+    pub keeper_socket: PathBuf,
+    /// Whether the node starts a keeper itself when none answers (off in Kubernetes, where the
+    /// keeper is a container of its own).
+    pub spawn_keeper: bool,
 }
 
 /// A handler's failure; each variant is one gRPC code.
@@ -263,8 +268,21 @@ pub async fn serve(config: CsiConfig, shutdown: impl std::future::Future<Output 
     if let Some(dir) = socket.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }
-    remove_stale_socket(socket)?;
-    let listener = UnixListener::bind(socket).with_context(|| format!("cannot listen on {}", socket.display()))?;
+    let listener = if remove_stale_socket(socket)? {
+        // A rolling update starts the new node pod beside the old one: take the path over (bind
+        // under another name, rename over it), so kubelet reaches this server from now on.
+        tracing::info!(socket = %socket.display(), "another CSI server answers on the socket; replacing it");
+        let mut tmp = socket.as_os_str().to_owned();
+        tmp.push(format!(".{}.tmp", std::process::id()));
+        let tmp = PathBuf::from(tmp);
+        let _ = std::fs::remove_file(&tmp);
+        let listener = UnixListener::bind(&tmp).with_context(|| format!("cannot listen on {}", tmp.display()))?;
+        std::fs::rename(&tmp, socket).with_context(|| format!("cannot replace {}", socket.display()))?;
+        listener
+    } else {
+        UnixListener::bind(socket).with_context(|| format!("cannot listen on {}", socket.display()))?
+    };
+    let bound_ino = std::fs::symlink_metadata(socket).ok().map(|m| std::os::unix::fs::MetadataExt::ino(&m));
     let identity = identity::IdentityService::new(&config);
     let mut router =
         tonic::transport::Server::builder().add_service(proto::identity_server::IdentityServer::new(identity));
@@ -294,25 +312,29 @@ pub async fn serve(config: CsiConfig, shutdown: impl std::future::Future<Output 
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
         .await
         .context("the gRPC server failed")?;
-    let _ = std::fs::remove_file(socket);
+    // Only our own socket: a newer server may have replaced the file.
+    if std::fs::symlink_metadata(socket).is_ok_and(|m| Some(std::os::unix::fs::MetadataExt::ino(&m)) == bound_ino) {
+        let _ = std::fs::remove_file(socket);
+    }
     tracing::info!("CSI server stopped");
     Ok(())
 }
 
-fn remove_stale_socket(path: &Path) -> anyhow::Result<()> {
+/// Removes a socket nobody answers on; returns whether a running server answers there.
+fn remove_stale_socket(path: &Path) -> anyhow::Result<bool> {
     use std::os::unix::fs::FileTypeExt;
     match std::fs::symlink_metadata(path) {
         Ok(m) if m.file_type().is_socket() => {
             if std::os::unix::net::UnixStream::connect(path).is_ok() {
-                anyhow::bail!("{} is in use by another running CSI server", path.display());
+                return Ok(true);
             }
             std::fs::remove_file(path)?;
-            Ok(())
+            Ok(false)
         }
         Ok(_) => {
             anyhow::bail!("{} exists and is not a socket; remove it or choose another --csi-endpoint", path.display())
         }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
         Err(e) => Err(e.into()),
     }
 }

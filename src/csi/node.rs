@@ -26,7 +26,11 @@ use super::state::{StagedVolume, StateDir, TargetRecord};
 use super::volume::{MountOptions, VolumeId};
 use super::{CsiConfig, CsiError, KeyLocks, Secrets, rpc};
 use crate::config::S3Config;
-use crate::mount::supervisor::{MountSpec, MountSupervisor, SpawnError, is_mount_process};
+use crate::keeper::KeeperClient;
+use crate::keeper::client::Launcher;
+use crate::keeper::protocol::VolumeSpec;
+use crate::mount::runner::{MountRunner, RunError};
+use crate::mount::supervisor::{MountSpec, is_mount_process};
 use crate::mount::{MountEntry, MountState, Mounter, SystemMounter};
 
 /// Filesystem types our FUSE mounts show in mountinfo: `fuse` when mounted directly by root (the
@@ -43,7 +47,7 @@ pub struct NodeService {
     base: S3Config,
     state: StateDir,
     mounter: Arc<dyn Mounter>,
-    supervisor: MountSupervisor,
+    runner: Arc<dyn MountRunner>,
     locks: KeyLocks,
 }
 
@@ -198,15 +202,30 @@ fn find_mount_process(mountpoint: &Path) -> u32 {
 }
 
 impl NodeService {
+    /// The node service with the system mounter and the keeper at `config.keeper_socket`; with
+    /// `config.spawn_keeper`, a keeper is started now if none answers (a failure is only logged:
+    /// the first stage tries again).
     pub fn new(config: &CsiConfig) -> std::io::Result<Self> {
-        Self::with_parts(config, Arc::new(SystemMounter), MountSupervisor::new(config.mount_exe.clone()))
+        let launcher = config
+            .spawn_keeper
+            .then(|| Launcher { exe: config.mount_exe.clone(), state_dir: config.state_dir.clone() });
+        let keeper = KeeperClient::new(config.keeper_socket.clone(), launcher);
+        match keeper.ensure_running() {
+            Ok(()) => {}
+            Err(e) if config.spawn_keeper => {
+                tracing::warn!(error = %e, "cannot start a keeper; staging will try again")
+            }
+            Err(e) => tracing::warn!(error = %e, "no keeper answers yet; staging fails until one does"),
+        }
+        Self::with_parts(config, Arc::new(SystemMounter), Arc::new(keeper))
     }
 
-    /// A node service with the given mounter and supervisor (tests use fakes and short timeouts).
+    /// A node service with the given mounter and process runner (tests use fakes and short
+    /// timeouts).
     pub fn with_parts(
         config: &CsiConfig,
         mounter: Arc<dyn Mounter>,
-        supervisor: MountSupervisor,
+        runner: Arc<dyn MountRunner>,
     ) -> std::io::Result<Self> {
         let state = StateDir::open(&config.state_dir)?;
         let node = NodeService {
@@ -214,7 +233,7 @@ impl NodeService {
             base: config.s3.clone(),
             state,
             mounter,
-            supervisor,
+            runner,
             locks: KeyLocks::default(),
         };
         node.report_recovered();
@@ -336,6 +355,18 @@ impl NodeService {
         Ok(MountSpec { args, env, env_remove })
     }
 
+    /// Asks the runner to stop a volume's mount process (after its mount was removed).
+    async fn stop_process(&self, id: &VolumeId, stem: &str, staging: &Path) -> Result<(), CsiError> {
+        let (runner, volume, path) = (Arc::clone(&self.runner), stem.to_owned(), staging.to_owned());
+        let stopped = tokio::task::spawn_blocking(move || runner.stop(&volume, &path))
+            .await
+            .map_err(|e| internal(format!("stop task failed: {e}")))?;
+        stopped.map_err(|e| match e {
+            RunError::Refused(m) => CsiError::Aborted(format!("cannot stop the mount process of volume {id}: {m}")),
+            e => CsiError::Unavailable(format!("cannot stop the mount process of volume {id}: {e}")),
+        })
+    }
+
     async fn stage(&self, req: NodeStageVolumeRequest) -> Result<NodeStageVolumeResponse, CsiError> {
         required(&req.volume_id, "volume_id")?;
         let staging = absolute_path(&req.staging_target_path, "staging_target_path")?;
@@ -384,10 +415,8 @@ impl NodeService {
                 MountState::NotMounted => {}
                 foreign => return Err(not_ours("staging path", &staging, &foreign)),
             }
-            if old.pid != 0 {
-                let (sup, pid, path) = (self.supervisor.clone(), old.pid, staging.clone());
-                let _ = tokio::task::spawn_blocking(move || sup.stop(pid, &path)).await;
-            }
+            // Its process, if the keeper still runs one, serves nothing any more.
+            self.stop_process(&id, &stem, &staging).await?;
         } else {
             match self.mount_state(&staging) {
                 MountState::Healthy(e) if self.is_ours(&e, &source, None) => {
@@ -412,8 +441,17 @@ impl NodeService {
         }
 
         let created = ensure_dir(&staging)?;
-        let (sup, volume, spawn_spec) = (self.supervisor.clone(), id.to_string(), spec.clone());
-        let started = tokio::task::spawn_blocking(move || sup.start(&volume, &spawn_spec))
+        let volume_spec = VolumeSpec {
+            volume: stem.clone(),
+            volume_id: id.to_string(),
+            mountpoint: staging.clone(),
+            args: spec.args.clone(),
+            env: spec.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            env_remove: spec.env_remove.clone(),
+            recovery_dir: self.state.recovery_dir(&stem),
+        };
+        let runner = Arc::clone(&self.runner);
+        let started = tokio::task::spawn_blocking(move || runner.start(&volume_spec))
             .await
             .map_err(|e| internal(format!("mount task failed: {e}")))?;
         let pid = match started {
@@ -422,25 +460,25 @@ impl NodeService {
                 // A process killed for not getting ready may have mounted already: remove its
                 // mount, so the staging path is as before and a retry starts afresh.
                 let cleared = match &e {
-                    SpawnError::Exec { .. } => Ok(true),
-                    SpawnError::Failed { .. } | SpawnError::NotReady { .. } => {
-                        self.unmount_ours(&staging, Some(&source), None)
-                    }
+                    RunError::Exec(_) | RunError::Refused(_) | RunError::Unavailable(_) => Ok(true),
+                    RunError::Failed(_) | RunError::NotReady(_) => self.unmount_ours(&staging, Some(&source), None),
                 };
                 if created && matches!(cleared, Ok(true)) {
                     remove_dir(&staging);
                 }
-                let message = match e {
-                    SpawnError::Exec { .. } => e.to_string(),
-                    SpawnError::Failed { message } => format!("cannot mount volume {id}: {message}"),
-                    SpawnError::NotReady { .. } => {
-                        format!("cannot mount volume {id} at {}: {e}", staging.display())
+                let error = match e {
+                    RunError::Exec(m) => internal(m),
+                    RunError::Failed(m) => internal(format!("cannot mount volume {id}: {m}")),
+                    RunError::NotReady(m) => {
+                        internal(format!("cannot mount volume {id} at {}: {m}", staging.display()))
                     }
+                    RunError::Refused(m) => CsiError::Aborted(format!("cannot mount volume {id}: {m}")),
+                    RunError::Unavailable(m) => CsiError::Unavailable(format!("cannot mount volume {id}: {m}")),
                 };
-                return Err(internal(match cleared {
-                    Ok(_) => message,
-                    Err(c) => format!("{message}; removing its mount failed too: {c}"),
-                }));
+                return Err(match cleared {
+                    Ok(_) => error,
+                    Err(c) => internal(format!("{error}; removing its mount failed too: {c}")),
+                });
             }
         };
         let v = StagedVolume {
@@ -487,10 +525,8 @@ impl NodeService {
             self.unmount_ours(&staging, source.as_deref(), None)?;
         }
         let Some(v) = record else { return Ok(NodeUnstageVolumeResponse {}) };
-        let pid = if v.pid != 0 { v.pid } else { find_mount_process(&staging) };
-        if pid != 0 {
-            let (sup, path) = (self.supervisor.clone(), staging.clone());
-            let _ = tokio::task::spawn_blocking(move || sup.stop(pid, &path)).await;
+        if let (Some(id), Some(stem)) = (&id, &stem) {
+            self.stop_process(id, stem, &staging).await?;
         }
         if v.created_staging_dir {
             remove_dir(&staging);
@@ -776,24 +812,41 @@ mod tests {
         }
     }
 
+    /// The keeper's view of the same fake mounts.
+    struct FakeTable;
+
+    impl crate::keeper::MountTable for FakeTable {
+        fn is_mounted(&self, path: &Path) -> bool {
+            path.join(FAKE_MOUNT).exists()
+        }
+    }
+
     const READY_TIMEOUT: Duration = Duration::from_secs(1);
 
-    /// A node whose mount processes run `script` (arguments: `mount <bucket> <staging> ...`).
+    /// A node whose mount processes run `script` (arguments: `mount <bucket> <staging> ...`),
+    /// started by a keeper serving in this process (with `/dev/null` for the FUSE device).
     fn node(dir: &Path, script: &str) -> (NodeService, Arc<FakeMounter>) {
         let exe = stub_exe(dir, script);
+        let state_dir = dir.join("state");
         let config = CsiConfig {
             socket: dir.join("csi.sock"),
             node_id: "node-1".into(),
             mode: super::super::ServiceMode::Node,
             driver_name: super::super::volume::DEFAULT_DRIVER_NAME.into(),
             s3: S3Config::default(),
-            state_dir: dir.join("state"),
+            state_dir: state_dir.clone(),
             metrics_address: None,
             mount_exe: exe.clone(),
+            keeper_socket: state_dir.join(crate::keeper::SOCKET_NAME),
+            spawn_keeper: false,
         };
+        let mut keeper_config = crate::keeper::KeeperConfig::new(state_dir, exe);
+        keeper_config.fuse_device = PathBuf::from("/dev/null");
+        keeper_config.ready_timeout = READY_TIMEOUT;
+        crate::keeper::Keeper::start(keeper_config, Arc::new(FakeTable)).unwrap();
         let mounter = Arc::new(FakeMounter::default());
-        let supervisor = MountSupervisor::new(exe).with_ready_timeout(READY_TIMEOUT);
-        (NodeService::with_parts(&config, mounter.clone(), supervisor).unwrap(), mounter)
+        let keeper = Arc::new(KeeperClient::new(config.keeper_socket.clone(), None));
+        (NodeService::with_parts(&config, mounter.clone(), keeper).unwrap(), mounter)
     }
 
     fn stage_req(staging: &Path) -> NodeStageVolumeRequest {
@@ -877,5 +930,62 @@ mod tests {
             .await
             .expect("unstage is not blocked")
             .unwrap();
+    }
+
+    fn eventually(what: &str, cond: impl Fn() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !cond() {
+            assert!(Instant::now() < deadline, "{what}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_staged_volume_runs_under_the_keeper_which_restarts_it_until_unstaged() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("args");
+        // Mounts, reports ready, records its arguments (one line per process), then serves.
+        let script = format!(
+            "touch \"$3/{FAKE_MOUNT}\"\necho \"$$ $*\" >> {}\necho {}\nexec sleep 600",
+            log.display(),
+            crate::daemon::READY_LINE
+        );
+        let (node, mounter) = node(dir.path(), &script);
+        let staging = dir.path().join("globalmount");
+        node.stage(stage_req(&staging)).await.unwrap();
+        let stem = "bucket-a".parse::<VolumeId>().unwrap().file_stem();
+        let record = node.state.load(&stem).unwrap().unwrap();
+        let lines = std::fs::read_to_string(&log).unwrap();
+        let first: Vec<&str> = lines.lines().next().unwrap().split(' ').collect();
+        assert_eq!(record.pid.to_string(), first[0], "the recorded pid is the keeper's child");
+        let recovery = node.state.recovery_dir(&stem);
+        let want = ["--foreground", "--fuse-fd", "3", "--recovery-dir", recovery.to_str().unwrap()];
+        assert!(first.ends_with(&want), "{first:?}");
+        assert!(recovery.is_dir());
+
+        // Staging again is a no-op on the live mount.
+        node.stage(stage_req(&staging)).await.unwrap();
+        assert_eq!(std::fs::read_to_string(&log).unwrap().lines().count(), 1);
+
+        // A crash: the keeper starts a successor on the same connection.
+        signal_pid(record.pid, libc::SIGKILL);
+        eventually("a successor starts", || std::fs::read_to_string(&log).unwrap().lines().count() == 2);
+        let lines = std::fs::read_to_string(&log).unwrap();
+        let second: Vec<&str> = lines.lines().nth(1).unwrap().split(' ').collect();
+        assert_eq!(second.last(), Some(&"--takeover"), "{second:?}");
+        let successor: u32 = second[0].parse().unwrap();
+
+        node.unstage(unstage_req(&staging)).await.unwrap();
+        assert_eq!(*mounter.unmounted.lock().unwrap(), vec![staging.clone()]);
+        eventually("the successor is stopped", || process_gone(successor));
+        assert!(!recovery.exists(), "the recovery directory is removed");
+        assert!(node.state.load(&stem).unwrap().is_none());
+        std::thread::sleep(Duration::from_millis(200));
+        assert_eq!(std::fs::read_to_string(&log).unwrap().lines().count(), 2, "no successor after a stop");
+    }
+
+    fn signal_pid(pid: u32, sig: i32) {
+        // SAFETY: kill has no memory effects; the pid is a live child of the test's keeper.
+        unsafe { libc::kill(pid as i32, sig) };
     }
 }

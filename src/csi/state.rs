@@ -69,6 +69,11 @@ impl StateDir {
         self.root.join("volumes").join(format!("{stem}.ca.pem"))
     }
 
+    /// Per-volume journal of the mount process (`--recovery-dir`), kept by the keeper.
+    pub fn recovery_dir(&self, stem: &str) -> PathBuf {
+        self.root.join("volumes").join(format!("{stem}.recovery"))
+    }
+
     /// Per-volume disk cache directory.
     pub fn cache_dir(&self, stem: &str) -> PathBuf {
         self.root.join("cache").join(stem)
@@ -99,10 +104,13 @@ impl StateDir {
                 _ => {}
             }
         }
-        match std::fs::remove_dir_all(self.cache_dir(stem)) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
-            _ => Ok(()),
+        for dir in [self.cache_dir(stem), self.recovery_dir(stem)] {
+            match std::fs::remove_dir_all(dir) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+                _ => {}
+            }
         }
+        Ok(())
     }
 
     /// Every record, skipping (and logging) unreadable files.

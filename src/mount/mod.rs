@@ -4,6 +4,7 @@
 //! Everything here is a thin wrapper over `mount(2)`, `umount2(2)` and `/proc/self/mountinfo`
 //! behind the [`Mounter`] trait, so the node service's decisions stay separate from syscalls.
 
+pub mod runner;
 pub mod supervisor;
 
 use std::ffi::CString;

@@ -12,6 +12,7 @@
 use std::collections::HashMap;
 use std::ffi::OsString;
 use std::io::{BufRead, BufReader, Read};
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -21,6 +22,8 @@ use std::time::{Duration, Instant};
 
 use crate::daemon::{ERROR_PREFIX, NOTIFY_ENV, READY_LINE};
 
+/// The descriptor number a mount process finds its `/dev/fuse` connection on (`--fuse-fd 3`).
+pub const CHILD_FUSE_FD: i32 = 3;
 /// How long a stopped mount process gets to exit after its unmount before SIGKILL.
 const STOP_GRACE: Duration = Duration::from_secs(10);
 /// How long a new mount process gets to report its mount ready. Longer than the default S3
@@ -103,19 +106,49 @@ impl MountSupervisor {
     /// session) and reaped, and the error carries the tail of its stderr. Blocking: call from
     /// `spawn_blocking`.
     pub fn start(&self, volume: &str, spec: &MountSpec) -> Result<u32, SpawnError> {
+        let child = self.start_child(volume, spec, &[], None)?;
+        let pid = child.id();
+        // The mount is live either way; without a reaper its exit is only not logged.
+        if let Err(e) = spawn_reaper(child, volume) {
+            tracing::warn!(volume, pid, error = %e, "cannot start a thread to reap the mount process");
+        }
+        Ok(pid)
+    }
+
+    /// Like [`MountSupervisor::start`], but appends `extra_args` after `--foreground`, passes
+    /// `fuse_fd` (when given) to the child as its fd 3, and returns the ready child for the
+    /// caller to wait on.
+    pub fn start_child(
+        &self,
+        volume: &str,
+        spec: &MountSpec,
+        extra_args: &[String],
+        fuse_fd: Option<BorrowedFd<'_>>,
+    ) -> Result<Child, SpawnError> {
         let mut cmd = Command::new(&self.exe);
-        cmd.args(&spec.args).arg("--foreground").env(NOTIFY_ENV, "1");
+        cmd.args(&spec.args).arg("--foreground").args(extra_args).env(NOTIFY_ENV, "1");
         for k in &spec.env_remove {
             cmd.env_remove(k);
         }
         cmd.envs(&spec.env);
         cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
-        // SAFETY: setsid is async-signal-safe; the mount gets its own session so signals aimed at
-        // the CSI server's process group do not reach it.
+        let fuse_fd = fuse_fd.map(|fd| fd.as_raw_fd());
+        // SAFETY: setsid, dup2 and fcntl are async-signal-safe and touch no memory of ours. The
+        // mount gets its own session so signals aimed at our process group do not reach it.
         unsafe {
-            cmd.pre_exec(|| {
+            cmd.pre_exec(move || {
                 if libc::setsid() < 0 {
                     return Err(std::io::Error::last_os_error());
+                }
+                if let Some(fd) = fuse_fd {
+                    if fd == CHILD_FUSE_FD {
+                        // dup2 onto itself keeps close-on-exec: clear it by hand.
+                        if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                    } else if libc::dup2(fd, CHILD_FUSE_FD) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
                 }
                 Ok(())
             });
@@ -138,11 +171,7 @@ impl MountSupervisor {
         }
         let line = line_rx.recv_timeout(deadline.saturating_duration_since(Instant::now()));
         if matches!(&line, Ok(l) if l.trim() == READY_LINE) {
-            // The mount is live either way; without a reaper its exit is only not logged.
-            if let Err(e) = spawn_reaper(child, volume) {
-                tracing::warn!(volume, pid, error = %e, "cannot start a thread to reap the mount process");
-            }
-            return Ok(pid);
+            return Ok(child);
         }
         // Without the ready line, stdout closes when the child exits; it still gets until the
         // deadline to do so.
@@ -193,7 +222,7 @@ impl MountSupervisor {
 }
 
 /// Reaps `child` whenever it ends and says how, so a crashed mount is visible.
-fn spawn_reaper(mut child: Child, volume: &str) -> std::io::Result<()> {
+pub(crate) fn spawn_reaper(mut child: Child, volume: &str) -> std::io::Result<()> {
     let (volume, pid) = (volume.to_owned(), child.id());
     std::thread::Builder::new()
         .name("s3csi-reaper".into())
@@ -222,7 +251,7 @@ fn wait_until(child: &mut Child, deadline: Instant) -> Option<ExitStatus> {
 
 /// Kills `child` and everything in its session with SIGKILL and reaps it. Returns whether it
 /// exited within [`KILL_GRACE`]; if not, a reaper thread waits for it.
-fn kill_and_reap(mut child: Child, volume: &str) -> bool {
+pub(crate) fn kill_and_reap(mut child: Child, volume: &str) -> bool {
     let pid = child.id();
     // The child called setsid, so its pid is also its process group's id; it is not reaped
     // yet, so neither id can have been reused.
@@ -286,7 +315,7 @@ fn last_lines(log: &str) -> String {
     tail.join(" | ")
 }
 
-fn signal(pid: u32, sig: i32) {
+pub(crate) fn signal(pid: u32, sig: i32) {
     if let Ok(pid) = i32::try_from(pid) {
         // SAFETY: kill has no memory effects; pid was checked to be our mount process.
         unsafe { libc::kill(pid, sig) };
