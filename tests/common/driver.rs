@@ -47,6 +47,19 @@ impl Driver {
     }
 
     pub fn start_with(server: &S3Server, creds: Creds, dir: TempDir, state_dir: PathBuf) -> Driver {
+        Self::start_wrapped(server, creds, dir, state_dir, &[], |cmd| cmd)
+    }
+
+    /// Like [`Driver::start_with`], with `extra_args` after the standard ones and the finished
+    /// command passed through `wrap` before it is spawned (to run it inside a namespace, say).
+    pub fn start_wrapped(
+        server: &S3Server,
+        creds: Creds,
+        dir: TempDir,
+        state_dir: PathBuf,
+        extra_args: &[&str],
+        wrap: impl FnOnce(Command) -> Command,
+    ) -> Driver {
         let socket = dir.path().join("csi.sock");
         let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.path().join("driver.log")).unwrap();
         let metrics_port = super::free_port();
@@ -57,19 +70,22 @@ impl Driver {
             .arg(format!("--region={}", server.region()))
             .arg(format!("--state-dir={}", state_dir.display()))
             .arg(format!("--metrics-address=127.0.0.1:{metrics_port}"))
+            .args(extra_args)
             .env_remove("AWS_ACCESS_KEY_ID")
             .env_remove("AWS_SECRET_ACCESS_KEY")
             .env_remove("AWS_PROFILE")
             .env("AWS_SHARED_CREDENTIALS_FILE", dir.path().join("no-credentials"))
             .env("AWS_CONFIG_FILE", dir.path().join("no-config"))
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log);
+            .env("RUST_LOG", "info");
         if creds == Creds::Env {
             cmd.envs(server.env());
         }
-        let child = cmd.spawn().expect("start s3csi csi");
+        let child = wrap(cmd)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start s3csi csi");
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
         assert!(wait_until(STARTUP_TIMEOUT, || socket.exists()), "socket never appeared: {}", read_log(dir.path()));
         // The socket file appears at bind(), a moment before listen(), and a killed predecessor
