@@ -19,6 +19,9 @@ use std::time::{Duration, Instant};
 /// stream (everything read before it has been dispatched).
 pub const BARRIER_INO: u64 = u64::MAX - 1;
 
+/// The bit the kernel sets in the `unique` of a request it re-sends (`FUSE_UNIQUE_RESEND`).
+pub const FUSE_UNIQUE_RESEND: u64 = 1 << 63;
+
 const FUSE_FORGET: u32 = 2;
 const FUSE_INIT: u32 = 26;
 /// `fuse_notify_code::FUSE_NOTIFY_RESEND` (Linux 6.9).

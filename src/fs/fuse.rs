@@ -16,7 +16,7 @@ use fuser::{
 use tokio::runtime::Handle;
 use tracing::Instrument;
 
-use super::connection::{BARRIER_INO, SessionProbe};
+use super::connection::{BARRIER_INO, FUSE_UNIQUE_RESEND, SessionProbe};
 use super::inode::Kind;
 use super::{Attr, Caller, FsError, REPORTED_BLOCK_SIZE, S3Fs, SetAttr};
 use crate::s3::ObjectStore;
@@ -119,6 +119,21 @@ fn errno(op: &'static str, e: &FsError) -> i32 {
         tracing::warn!(op, error = %e, "operation failed");
     }
     e.errno()
+}
+
+/// Whether the kernel re-sent this request after the process that first read it died
+/// (`FUSE_NOTIFY_RESEND`): its effect may already be there.
+fn is_resent(req: &Request<'_>) -> bool {
+    req.unique() & FUSE_UNIQUE_RESEND != 0
+}
+
+/// Answers a re-sent `mkdir`/`symlink` whose entry the previous process already made.
+async fn reply_made_before<S: ObjectStore>(fs: &S3Fs<S>, parent: u64, name: &str, kind: Kind, reply: ReplyEntry) {
+    match fs.lookup(parent, name).await {
+        Ok(a) if a.kind == kind => reply.entry(&fs.ttl(), &file_attr(&a), 0),
+        Ok(_) => reply.error(libc::EEXIST),
+        Err(e) => reply.error(errno("lookup", &e)),
+    }
 }
 
 fn reply_dir(entries: Result<Vec<(u64, super::DirEntry)>, FsError>, mut reply: ReplyDirectory) {
@@ -358,32 +373,39 @@ impl<S: ObjectStore> Filesystem for FuseAdapter<S> {
     fn mkdir(&mut self, req: &Request<'_>, parent: u64, name: &OsStr, mode: u32, umask: u32, reply: ReplyEntry) {
         let fs = Arc::clone(&self.fs);
         let caller = caller(req);
+        let resent = is_resent(req);
         let Some(name) = name_str(name) else { return reply.error(libc::EINVAL) };
         self.spawn("mkdir", tracing::debug_span!("mkdir", ino = parent, name = %name), async move {
             match fs.mkdir(caller, parent, &name, (mode & !umask & 0o7777) as u16).await {
                 Ok(a) => reply.entry(&fs.ttl(), &file_attr(&a), 0),
+                Err(FsError::Exists) if resent => reply_made_before(&fs, parent, &name, Kind::Dir, reply).await,
                 Err(e) => reply.error(errno("mkdir", &e)),
             }
         });
     }
 
-    fn unlink(&mut self, _req: &Request<'_>, parent: u64, name: &OsStr, reply: ReplyEmpty) {
+    fn unlink(&mut self, req: &Request<'_>, parent: u64, name: &OsStr, reply: ReplyEmpty) {
         let fs = Arc::clone(&self.fs);
+        let resent = is_resent(req);
         let Some(name) = name_str(name) else { return reply.error(libc::ENOENT) };
         self.spawn("unlink", tracing::debug_span!("unlink", ino = parent, name = %name), async move {
             match fs.unlink(parent, &name).await {
                 Ok(()) => reply.ok(),
+                // The previous process removed it and died before it could answer.
+                Err(FsError::NotFound) if resent => reply.ok(),
                 Err(e) => reply.error(errno("unlink", &e)),
             }
         });
     }
 
-    fn rmdir(&mut self, _req: &Request<'_>, parent: u64, name: &OsStr, reply: ReplyEmpty) {
+    fn rmdir(&mut self, req: &Request<'_>, parent: u64, name: &OsStr, reply: ReplyEmpty) {
         let fs = Arc::clone(&self.fs);
+        let resent = is_resent(req);
         let Some(name) = name_str(name) else { return reply.error(libc::ENOENT) };
         self.spawn("rmdir", tracing::debug_span!("rmdir", ino = parent, name = %name), async move {
             match fs.rmdir(parent, &name).await {
                 Ok(()) => reply.ok(),
+                Err(FsError::NotFound) if resent => reply.ok(),
                 Err(e) => reply.error(errno("rmdir", &e)),
             }
         });
@@ -392,12 +414,14 @@ impl<S: ObjectStore> Filesystem for FuseAdapter<S> {
     fn symlink(&mut self, req: &Request<'_>, parent: u64, name: &OsStr, target: &Path, reply: ReplyEntry) {
         let fs = Arc::clone(&self.fs);
         let caller = caller(req);
+        let resent = is_resent(req);
         let (Some(name), Some(target)) = (name_str(name), target.to_str().map(str::to_owned)) else {
             return reply.error(libc::EINVAL);
         };
         self.spawn("symlink", tracing::debug_span!("symlink", ino = parent, name = %name), async move {
             match fs.symlink(caller, parent, &name, &target).await {
                 Ok(a) => reply.entry(&fs.ttl(), &file_attr(&a), 0),
+                Err(FsError::Exists) if resent => reply_made_before(&fs, parent, &name, Kind::Symlink, reply).await,
                 Err(e) => reply.error(errno("symlink", &e)),
             }
         });
@@ -415,7 +439,7 @@ impl<S: ObjectStore> Filesystem for FuseAdapter<S> {
 
     fn rename(
         &mut self,
-        _req: &Request<'_>,
+        req: &Request<'_>,
         parent: u64,
         name: &OsStr,
         newparent: u64,
@@ -427,10 +451,18 @@ impl<S: ObjectStore> Filesystem for FuseAdapter<S> {
         let (Some(name), Some(newname)) = (name_str(name), name_str(newname)) else {
             return reply.error(libc::EINVAL);
         };
+        let resent = is_resent(req);
         let span = tracing::debug_span!("rename", ino = parent, name = %name, newparent, newname = %newname);
         self.spawn("rename", span, async move {
-            match fs.rename(parent, &name, newparent, &newname, flags).await {
+            let renamed = if resent {
+                fs.rename_resumed(parent, &name, newparent, &newname, flags).await
+            } else {
+                fs.rename(parent, &name, newparent, &newname, flags).await
+            };
+            match renamed {
                 Ok(()) => reply.ok(),
+                // The previous process renamed it and died before it could answer.
+                Err(FsError::NotFound) if resent && fs.lookup(newparent, &newname).await.is_ok() => reply.ok(),
                 Err(e) => reply.error(errno("rename", &e)),
             }
         });

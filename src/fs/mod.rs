@@ -543,6 +543,48 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_resent_directory_rename_completes_what_a_dead_process_left_half_done() {
+        let store = Arc::new(FakeStore::new("b"));
+        // Cut off while copying: e/ holds copies of some of d/.
+        for k in ["d/", "d/1", "d/2", "d/3", "e/", "e/1"] {
+            store.put(k, if k.ends_with('/') { "" } else { "x" });
+        }
+        // Cut off while deleting: g/ is complete, f/ has keys left.
+        for k in ["f/", "f/3", "g/", "g/1", "g/2", "g/3"] {
+            store.put(k, if k.ends_with('/') { "" } else { "x" });
+        }
+        // Not a rename of h/: i/ holds a file h/ never had.
+        for k in ["h/", "h/1", "i/", "i/other"] {
+            store.put(k, if k.ends_with('/') { "" } else { "x" });
+        }
+        let fs = fs_with(Arc::clone(&store), "", Duration::from_secs(60));
+        assert!(
+            matches!(fs.rename(ROOT_INO, "d", ROOT_INO, "e", 0).await, Err(FsError::NotEmpty)),
+            "only a resend resumes"
+        );
+        // `mv` asks for RENAME_NOREPLACE first.
+        let noreplace = libc::RENAME_NOREPLACE;
+        assert!(matches!(fs.rename(ROOT_INO, "d", ROOT_INO, "e", noreplace).await, Err(FsError::Exists)));
+        fs.rename_resumed(ROOT_INO, "d", ROOT_INO, "e", noreplace).await.unwrap();
+        fs.rename_resumed(ROOT_INO, "f", ROOT_INO, "g", 0).await.unwrap();
+        assert!(matches!(fs.rename_resumed(ROOT_INO, "h", ROOT_INO, "i", 0).await, Err(FsError::NotEmpty)));
+        assert!(matches!(fs.rename_resumed(ROOT_INO, "h", ROOT_INO, "i", noreplace).await, Err(FsError::Exists)));
+        // A file copied and not yet deleted.
+        store.put("k", "same");
+        store.put("l", "same");
+        store.put("m", "other");
+        fs.rename_resumed(ROOT_INO, "k", ROOT_INO, "l", noreplace).await.unwrap();
+        assert!(matches!(fs.rename_resumed(ROOT_INO, "l", ROOT_INO, "m", noreplace).await, Err(FsError::Exists)));
+        let mut keys = store.keys();
+        keys.retain(|k| !k.ends_with(crate::fs::records::RECORD_NAME));
+        keys.sort();
+        assert_eq!(
+            keys,
+            ["e/", "e/1", "e/2", "e/3", "g/", "g/1", "g/2", "g/3", "h/", "h/1", "i/", "i/other", "l", "m"]
+        );
+    }
+
+    #[tokio::test]
     async fn implicit_dirs_markers_and_conflicts() {
         let store = Arc::new(FakeStore::new("b"));
         for k in ["a/b/c.txt", "empty/", "x", "x/y", "top.txt", "odd//name", "./dot", "a/b/"] {

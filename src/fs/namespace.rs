@@ -22,6 +22,9 @@ use crate::s3::{ObjectId, ObjectMeta, ObjectStore, S3Error};
 pub const RESERVED_NAME: &str = ".s3csi-volume";
 
 /// Whether `name` can be a file name; keys whose segment fails this are not shown.
+/// Largest file a re-sent rename compares byte for byte with its destination.
+const RESUME_COMPARE_MAX: u64 = 8 << 20;
+
 pub fn valid_name(name: &str) -> bool {
     !name.is_empty()
         && name != "."
@@ -370,6 +373,72 @@ impl<S: ObjectStore> S3Fs<S> {
         newname: &str,
         flags: u32,
     ) -> Result<(), FsError> {
+        self.rename_as(parent, name, newparent, newname, flags, false).await
+    }
+
+    /// A rename the kernel re-sent after the process serving it died: a directory rename that
+    /// process left half done (the destination holds only copies of source keys, or the source
+    /// only keys already copied) is completed instead of failing with `ENOTEMPTY`.
+    pub async fn rename_resumed(
+        &self,
+        parent: u64,
+        name: &str,
+        newparent: u64,
+        newname: &str,
+        flags: u32,
+    ) -> Result<(), FsError> {
+        self.rename_as(parent, name, newparent, newname, flags, true).await
+    }
+
+    /// Whether `dest` looks like the copy a rename of `src` cut off made: for files, the same
+    /// object (ETag); for directories, one set of names (relative to each directory) contains
+    /// the other.
+    async fn is_partial_move(&self, src: &Inode, dest: &Inode) -> Result<bool, FsError> {
+        if src.kind != Kind::Dir {
+            let (a, b) = (self.head(src).await?, self.head(dest).await?);
+            if a.size != b.size {
+                return Ok(false);
+            }
+            if a.etag.is_some() && a.etag == b.etag {
+                return Ok(true);
+            }
+            // A copy's ETag differs on some servers (and for multipart objects): small files are
+            // compared byte for byte.
+            if a.size > RESUME_COMPARE_MAX {
+                return Ok(false);
+            }
+            let (x, y) = (
+                self.store.get_object_start(&a.key, RESUME_COMPARE_MAX).await?,
+                self.store.get_object_start(&b.key, RESUME_COMPARE_MAX).await?,
+            );
+            return Ok(x.data == y.data);
+        }
+        let (a, b) = (self.inodes.key(src), self.inodes.key(dest));
+        let names = |prefix: String| async move {
+            let mut out = std::collections::HashSet::new();
+            let mut token = None;
+            loop {
+                let page = self.store.list_page(&prefix, None, token, None).await?;
+                out.extend(page.objects.into_iter().map(|o| o.key[prefix.len()..].to_owned()));
+                match page.next_token {
+                    Some(t) => token = Some(t),
+                    None => return Ok::<_, FsError>(out),
+                }
+            }
+        };
+        let (from, to) = (names(a).await?, names(b).await?);
+        Ok(to.is_subset(&from) || from.is_subset(&to))
+    }
+
+    async fn rename_as(
+        &self,
+        parent: u64,
+        name: &str,
+        newparent: u64,
+        newname: &str,
+        flags: u32,
+        resumed: bool,
+    ) -> Result<(), FsError> {
         self.check_writable()?;
         if flags & libc::RENAME_EXCHANGE != 0 {
             return Err(FsError::NotSupported("RENAME_EXCHANGE"));
@@ -387,13 +456,15 @@ impl<S: ObjectStore> S3Fs<S> {
             if t.ino == src.ino {
                 return Ok(());
             }
-            if flags & libc::RENAME_NOREPLACE != 0 {
+            // The destination is what the dead process's copy made of the source.
+            let resume = resumed && src.kind == t.kind && self.is_partial_move(&src, t).await?;
+            if flags & libc::RENAME_NOREPLACE != 0 && !resume {
                 return Err(FsError::Exists);
             }
             match (src.kind == Kind::Dir, t.kind == Kind::Dir) {
                 (false, true) => return Err(FsError::IsDir),
                 (true, false) => return Err(FsError::NotDir),
-                (true, true) if self.dir_has_entries(t).await? => return Err(FsError::NotEmpty),
+                (true, true) if !resume && self.dir_has_entries(t).await? => return Err(FsError::NotEmpty),
                 _ => {}
             }
         }
