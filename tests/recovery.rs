@@ -33,7 +33,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use common::driver::{Creds, DRIVER, Driver};
-use common::{S3Server, is_fuse_mount, is_mounted, mounts, processes_with_arg, random_bytes, sha256, wait_until};
+use common::{S3Server, is_fuse_mount, is_mounted, mounts, random_bytes, sha256, wait_until};
 use s3csi::csi::proto::{
     NodeGetVolumeStatsRequest, NodePublishVolumeRequest, NodeStageVolumeRequest, NodeUnpublishVolumeRequest,
     NodeUnstageVolumeRequest, VolumeCapability, volume_capability,
@@ -87,13 +87,6 @@ fn signal(pid: u32, sig: libc::c_int) {
     unsafe { libc::kill(pid as libc::pid_t, sig) };
 }
 
-/// Parent pid of `pid` as this (the host's) PID namespace sees it.
-fn parent_of(pid: u32) -> Option<u32> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // `pid (comm) state ppid ...`; comm may contain spaces and parentheses.
-    stat.rsplit_once(')')?.1.split_whitespace().nth(1)?.parse().ok()
-}
-
 /// Direct children of `pid` (zombies included).
 fn children_of(pid: u32) -> Vec<u32> {
     let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return Vec::new() };
@@ -114,11 +107,14 @@ fn open_fds(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count()).unwrap_or(0)
 }
 
-/// The `s3csi mount` processes serving `mountpoint` (zombies excluded).
-fn mount_processes(mountpoint: &Path) -> Vec<u32> {
+/// The `s3csi mount` processes serving `mountpoint` among the children of `parents` (the
+/// keepers). Only our own processes are looked at: reading another process's `/proc` entries can
+/// block for as long as that process is stuck on a dead FUSE connection.
+fn mount_processes(parents: &[u32], mountpoint: &Path) -> Vec<u32> {
     let want = mountpoint.as_os_str().as_encoded_bytes();
-    processes_with_arg(mountpoint)
-        .into_iter()
+    parents
+        .iter()
+        .flat_map(|&p| children_of(p))
         .filter(|pid| {
             std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
                 let args: Vec<&[u8]> = c.split(|&b| b == 0).collect();
@@ -128,28 +124,28 @@ fn mount_processes(mountpoint: &Path) -> Vec<u32> {
         .collect()
 }
 
-/// The one process serving the mount at `staging`; panics unless there is exactly one.
-fn mount_process(staging: &Path) -> u32 {
-    let pids = mount_processes(staging);
-    assert_eq!(pids.len(), 1, "exactly one mount process serves {}: {pids:?}", staging.display());
+/// The one process serving the mount at `mountpoint`; panics unless there is exactly one.
+fn mount_process(parents: &[u32], mountpoint: &Path) -> u32 {
+    let pids = mount_processes(parents, mountpoint);
+    assert_eq!(pids.len(), 1, "exactly one mount process serves {}: {pids:?}", mountpoint.display());
     pids[0]
 }
 
-/// Waits until a process other than `old` alone serves `staging` and the mount answers; returns
-/// its pid and how long that took.
-fn wait_successor(staging: &Path, old: u32, limit: Duration) -> Option<(u32, Duration)> {
+/// Waits until a process other than `old` alone serves `mountpoint` and the mount answers;
+/// returns its pid and how long that took.
+fn wait_successor(parents: &[u32], mountpoint: &Path, old: u32, limit: Duration) -> Option<(u32, Duration)> {
     let started = Instant::now();
     let mut new = None;
     let replaced = wait_until(limit, || {
-        let pids = mount_processes(staging);
+        let pids = mount_processes(parents, mountpoint);
         new = (pids.len() == 1 && pids[0] != old).then(|| pids[0]);
         new.is_some()
     });
     if !replaced {
         return None;
     }
-    let path = staging.to_owned();
-    bounded("stat of the staging path after the restart", SYSCALL_LIMIT, move || std::fs::metadata(path))
+    let path = mountpoint.to_owned();
+    bounded("stat of the mount after the restart", SYSCALL_LIMIT, move || std::fs::metadata(path))
         .unwrap_or_else(|e| panic!("the mount does not answer after the restart: {e}"));
     Some((new.expect("replaced"), started.elapsed()))
 }
@@ -187,6 +183,23 @@ fn contained(cmd: &Command) -> Command {
     c
 }
 
+/// Host pids of every process in the PID namespace whose init `unshare` (pid given) forked:
+/// the init and its descendants.
+fn namespace_pids(unshare: u32) -> Vec<u32> {
+    let mut pids = children_of(unshare);
+    let mut i = 0;
+    while i < pids.len() {
+        let kids = children_of(pids[i]);
+        pids.extend(kids);
+        i += 1;
+    }
+    pids
+}
+
+fn all_gone(pids: &[u32]) -> bool {
+    pids.iter().all(|p| std::fs::read_to_string(format!("/proc/{p}/cmdline")).map_or(true, |c| c.is_empty()))
+}
+
 /// A program running in its own namespaces (see [`contained`]); killed with everything in it
 /// when dropped.
 struct Container {
@@ -216,13 +229,7 @@ impl Container {
 
     /// Host pids of every process in the namespace.
     fn pids(&self) -> Vec<u32> {
-        let Some(init) = self.init() else { return Vec::new() };
-        let Ok(ns) = std::fs::read_link(format!("/proc/{init}/ns/pid")) else { return Vec::new() };
-        let Ok(entries) = std::fs::read_dir("/proc") else { return Vec::new() };
-        entries
-            .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
-            .filter(|pid| std::fs::read_link(format!("/proc/{pid}/ns/pid")).is_ok_and(|l| l == ns))
-            .collect()
+        namespace_pids(self.unshare.id())
     }
 
     fn log(&self) -> String {
@@ -237,9 +244,7 @@ impl Container {
         }
         let _ = self.unshare.kill();
         let _ = self.unshare.wait();
-        let gone = wait_until(Duration::from_secs(10), || {
-            pids.iter().all(|p| std::fs::read_to_string(format!("/proc/{p}/cmdline")).map_or(true, |c| c.is_empty()))
-        });
+        let gone = wait_until(Duration::from_secs(10), || all_gone(&pids));
         assert!(gone, "processes of container {} outlive it: {pids:?}", self.name);
     }
 }
@@ -324,6 +329,25 @@ impl Node {
         self.keepers.last().expect("just pushed")
     }
 
+    /// Host pids of the running keepers (the parents of the mount processes).
+    fn keeper_pids(&self) -> Vec<u32> {
+        self.keepers.iter().filter_map(Container::init).collect()
+    }
+
+    fn mount_process(&self, staging: &Path) -> u32 {
+        mount_process(&self.keeper_pids(), staging)
+    }
+
+    fn mount_processes(&self, staging: &Path) -> Vec<u32> {
+        mount_processes(&self.keeper_pids(), staging)
+    }
+
+    /// Waits for a new mount process after `old` died; panics with the logs after `limit`.
+    fn wait_successor(&self, staging: &Path, old: u32, limit: Duration) -> (u32, Duration) {
+        wait_successor(&self.keeper_pids(), staging, old, limit)
+            .unwrap_or_else(|| panic!("no new mount process within {limit:?}\n{}", self.logs()))
+    }
+
     fn driver(&self) -> &Driver {
         self.driver.as_ref().expect("a node server runs")
     }
@@ -331,7 +355,13 @@ impl Node {
     /// Kills the node server's container, then starts a new one on the same root and state.
     fn restart_driver(&mut self, server: &S3Server) {
         let driver = self.driver.take().expect("a node server runs");
+        let pids = namespace_pids(driver.pid().expect("node server runs"));
+        assert!(!pids.is_empty(), "the node server's container has processes");
         let (dir, _) = driver.kill();
+        assert!(
+            wait_until(Duration::from_secs(10), || all_gone(&pids)),
+            "the node server's container is gone: {pids:?}"
+        );
         self.driver = Some(self.start_driver(server, dir));
     }
 
@@ -381,8 +411,7 @@ impl Node {
             secrets: self.secrets.clone(),
             ..Default::default()
         };
-        d.rt.block_on(d.node().node_stage_volume(req))
-            .unwrap_or_else(|e| panic!("NodeStageVolume: {e:?}\n{}", self.logs()));
+        rpc(d, d.node().node_stage_volume(req)).unwrap_or_else(|e| panic!("NodeStageVolume: {e:?}\n{}", self.logs()));
         mkdir_0750(target.parent().expect("target has a parent"));
         let mut context = pv.context.clone();
         context.insert("csi.storage.k8s.io/pod.name".into(), pod.into());
@@ -395,7 +424,7 @@ impl Node {
             volume_context: context,
             ..Default::default()
         };
-        d.rt.block_on(d.node().node_publish_volume(req))
+        rpc(d, d.node().node_publish_volume(req))
             .unwrap_or_else(|e| panic!("NodePublishVolume: {e:?}\n{}", self.logs()));
         assert!(is_fuse_mount(&staging) && is_mounted(&target), "staged and published on the host");
         (staging, target)
@@ -407,16 +436,17 @@ impl Node {
         let d = self.driver();
         let req =
             NodeUnpublishVolumeRequest { volume_id: pv.handle.clone(), target_path: target.display().to_string() };
-        d.rt.block_on(d.node().node_unpublish_volume(req))
+        rpc(d, d.node().node_unpublish_volume(req))
             .unwrap_or_else(|e| panic!("NodeUnpublishVolume: {e:?}\n{}", self.logs()));
         let req = NodeUnstageVolumeRequest {
             volume_id: pv.handle.clone(),
             staging_target_path: staging.display().to_string(),
         };
-        d.rt.block_on(d.node().node_unstage_volume(req))
+        rpc(d, d.node().node_unstage_volume(req))
             .unwrap_or_else(|e| panic!("NodeUnstageVolume: {e:?}\n{}", self.logs()));
         assert!(!is_mounted(target) && !is_mounted(staging), "unmounted on the host");
-        common::wait_no_daemon(staging, Duration::from_secs(30)).unwrap_or_else(|e| panic!("{e}\n{}", self.logs()));
+        let stopped = wait_until(Duration::from_secs(30), || self.mount_processes(staging).is_empty());
+        assert!(stopped, "mount processes {:?} outlive the unstage\n{}", self.mount_processes(staging), self.logs());
     }
 
     fn stats(&self, pv: &Pv, target: &Path) -> Result<(), tonic::Status> {
@@ -426,7 +456,7 @@ impl Node {
             volume_path: target.display().to_string(),
             staging_target_path: String::new(),
         };
-        d.rt.block_on(d.node().node_get_volume_stats(req)).map(|_| ())
+        rpc(d, d.node().node_get_volume_stats(req)).map(|_| ())
     }
 
     /// `s3csi_mount_<kind>_total` for the volume, from the node server's metrics endpoint.
@@ -448,6 +478,19 @@ impl Drop for Node {
             let _ = Command::new("umount").arg("-l").arg(&self.root).status();
         }
     }
+}
+
+/// How long a CSI call may take before the test calls it hung.
+const RPC_LIMIT: Duration = Duration::from_secs(120);
+
+/// One CSI call, bounded by [`RPC_LIMIT`].
+fn rpc<T>(
+    d: &Driver,
+    call: impl std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+) -> Result<T, tonic::Status> {
+    d.rt.block_on(async { tokio::time::timeout(RPC_LIMIT, call).await })
+        .unwrap_or_else(|_| panic!("a CSI call did not return within {RPC_LIMIT:?}"))
+        .map(tonic::Response::into_inner)
 }
 
 fn capability() -> VolumeCapability {
@@ -811,15 +854,23 @@ fn parse_events(path: &Path) -> Vec<Event> {
     text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
 }
 
+/// Whether the child `pid` has exited (without reaping it).
+fn exited(pid: u32) -> bool {
+    // SAFETY: waitid writes only into `info`; WNOWAIT leaves the child to its owner.
+    unsafe {
+        let mut info: libc::siginfo_t = std::mem::zeroed();
+        let r = libc::waitid(libc::P_PID, pid, &mut info, libc::WEXITED | libc::WNOHANG | libc::WNOWAIT);
+        r != 0 || info.si_pid() != 0
+    }
+}
+
 /// The watchdog: kills the workload when its event file stops growing for [`HANG`], and says
 /// where it hung.
 fn watch(pid: u32, events: &Path, stopped: &AtomicBool) -> Option<String> {
     let mut last_len = 0;
     let mut last_change = Instant::now();
     while !stopped.load(Ordering::SeqCst) {
-        let alive = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .is_ok_and(|s| s.rsplit_once(')').is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z')));
-        if !alive {
+        if exited(pid) {
             return None;
         }
         let len = std::fs::metadata(events).map(|m| m.len()).unwrap_or(0);
@@ -828,7 +879,13 @@ fn watch(pid: u32, events: &Path, stopped: &AtomicBool) -> Option<String> {
             last_change = Instant::now();
         } else if last_change.elapsed() > HANG {
             let last = std::fs::read_to_string(events).unwrap_or_default().lines().last().unwrap_or("").to_owned();
-            let read = |f: &str| std::fs::read_to_string(format!("/proc/{pid}/{f}")).unwrap_or_default();
+            // Bounded: /proc of a process stuck on FUSE may block the reader too.
+            let read = |f: &str| {
+                let path = format!("/proc/{pid}/{f}");
+                let (tx, rx) = std::sync::mpsc::channel();
+                std::thread::spawn(move || tx.send(std::fs::read_to_string(path).unwrap_or_default()));
+                rx.recv_timeout(Duration::from_secs(2)).unwrap_or_else(|_| "<blocked>".into())
+            };
             let why = format!(
                 "no progress for {HANG:?}; last event {last}; wchan {}; syscall {}; stack:\n{}",
                 read("wchan"),
@@ -1015,10 +1072,9 @@ fn a_killed_mount_process_is_replaced_and_the_pod_sees_no_enotconn() {
     assert!(workload.progress(3, Duration::from_secs(60)), "the workload never got going\n{}", node.logs());
 
     let held = open_for_writing(&view.path.join("held.bin"), random_bytes(5, 64 << 10));
-    let old = mount_process(&staging);
+    let old = node.mount_process(&staging);
     signal(old, libc::SIGKILL);
-    let (new, took) = wait_successor(&staging, old, RECOVERY_DEADLINE)
-        .unwrap_or_else(|| panic!("no new mount process within {RECOVERY_DEADLINE:?}\n{}", node.logs()));
+    let (new, took) = node.wait_successor(&staging, old, RECOVERY_DEADLINE);
     eprintln!("mount process {old} killed; {new} serves after {took:?}");
     assert!(workload.progress(3, Duration::from_secs(60)), "the workload makes no progress after the restart");
 
@@ -1055,11 +1111,11 @@ fn a_node_server_restart_is_invisible_to_pods() {
     let view = PodView::new(&target);
     let workload = Workload::start(&view.path, "wl", 21);
     assert!(workload.progress(3, Duration::from_secs(60)), "the workload never got going\n{}", node.logs());
-    let mount_pid = mount_process(&staging);
+    let mount_pid = node.mount_process(&staging);
 
     node.restart_driver(&server);
     assert!(workload.progress(3, Duration::from_secs(60)), "the workload makes no progress");
-    assert_eq!(mount_process(&staging), mount_pid, "the mount process outlives the node server");
+    assert_eq!(node.mount_process(&staging), mount_pid, "the mount process outlives the node server");
     node.stats(&pv, &target).unwrap_or_else(|e| panic!("NodeGetVolumeStats after the restart: {e:?}\n{}", node.logs()));
 
     let report = workload.stop();
@@ -1088,19 +1144,18 @@ fn a_keeper_upgrade_hands_every_volume_over_without_errors() {
     assert!(workload.progress(3, Duration::from_secs(60)), "the workload never got going\n{}", node.logs());
     let (first, second) = (random_bytes(7, 300 << 10), random_bytes(8, 200 << 10));
     let held = open_for_writing(&view.path.join("held.bin"), first.clone());
-    let old_a = mount_process(&staging_a);
-    let old_b = mount_process(&staging_b);
+    let old_a = node.mount_process(&staging_a);
+    let old_b = node.mount_process(&staging_b);
 
+    let old_keeper = node.keepers[0].init().expect("old keeper runs");
     let new_keeper = node.start_keeper().init().expect("keeper runs");
     let handed_over = wait_until(Duration::from_secs(60), || {
-        [&staging_a, &staging_b].iter().all(|s| {
-            let pids = mount_processes(s);
-            pids.len() == 1 && parent_of(pids[0]) == Some(new_keeper)
-        })
+        [&staging_a, &staging_b]
+            .iter()
+            .all(|s| mount_processes(&[new_keeper], s).len() == 1 && mount_processes(&[old_keeper], s).is_empty())
     });
     assert!(handed_over, "the new keeper does not run every volume's mount process\n{}", node.logs());
     // Confirmed: the old keeper closed its descriptors (before that, its end is a crash).
-    let old_keeper = node.keepers[0].init().expect("old keeper runs");
     let confirmed = wait_until(Duration::from_secs(30), || fuse_fds(old_keeper) == 0 && fuse_fds(new_keeper) == 2);
     assert!(
         confirmed,
@@ -1109,12 +1164,12 @@ fn a_keeper_upgrade_hands_every_volume_over_without_errors() {
         fuse_fds(new_keeper),
         node.logs()
     );
-    let (new_a, new_b) = (mount_process(&staging_a), mount_process(&staging_b));
+    let (new_a, new_b) = (node.mount_process(&staging_a), node.mount_process(&staging_b));
     assert!(new_a != old_a && new_b != old_b, "successors are new processes");
     node.keepers[0].kill();
     assert!(workload.progress(3, Duration::from_secs(60)), "the workload makes no progress after the upgrade");
     assert_eq!(
-        (mount_process(&staging_a), mount_process(&staging_b)),
+        (node.mount_process(&staging_a), node.mount_process(&staging_b)),
         (new_a, new_b),
         "the old keeper's end changes nothing"
     );
@@ -1171,13 +1226,12 @@ fn a_crash_during_a_directory_rename_leaves_every_file_in_one_place() {
     // Pause S3 as soon as the rename has written its first object at the new path.
     let midway = wait_until(Duration::from_secs(60), || server.log()[log_before..].contains("/moved/"));
     signal(server_pid, libc::SIGSTOP);
-    let old = mount_process(&staging);
+    let old = node.mount_process(&staging);
     signal(old, libc::SIGKILL);
-    assert!(wait_until(Duration::from_secs(10), || !mount_processes(&staging).contains(&old)));
+    assert!(wait_until(Duration::from_secs(10), || !node.mount_processes(&staging).contains(&old)));
     signal(server_pid, libc::SIGCONT);
     assert!(midway, "the rename never reached S3\n{}", server.log());
-    wait_successor(&staging, old, RECOVERY_DEADLINE)
-        .unwrap_or_else(|| panic!("no new mount process within {RECOVERY_DEADLINE:?}\n{}", node.logs()));
+    node.wait_successor(&staging, old, RECOVERY_DEADLINE);
     let renamed = rx.recv_timeout(SYSCALL_LIMIT).expect("the rename in flight at the crash returns");
     eprintln!("rename across the crash: {renamed:?}");
 
@@ -1263,10 +1317,9 @@ fn a_crash_during_a_multipart_upload_leaves_no_upload_and_nothing_torn() {
     });
     let uploading = wait_until(Duration::from_secs(120), || !server.multipart_uploads(&pv.handle).is_empty());
     assert!(uploading, "the large file never started a multipart upload\n{}", node.logs());
-    let old = mount_process(&staging);
+    let old = node.mount_process(&staging);
     signal(old, libc::SIGKILL);
-    wait_successor(&staging, old, RECOVERY_DEADLINE)
-        .unwrap_or_else(|| panic!("no new mount process within {RECOVERY_DEADLINE:?}\n{}", node.logs()));
+    node.wait_successor(&staging, old, RECOVERY_DEADLINE);
     let written = rx.recv_timeout(SYSCALL_LIMIT * 2).expect("the writer returns");
     let errno = written.as_ref().err().and_then(|e| e.raw_os_error());
     assert_eq!(errno, Some(libc::EIO), "the writer across the crash: {written:?}");
@@ -1307,11 +1360,10 @@ fn twenty_crashes_in_a_row_leak_nothing() {
     let mounts_before = ours(&view.path);
     let mut took = Vec::new();
     for cycle in 0..CYCLES {
-        let old = mount_process(&staging);
+        let old = node.mount_process(&staging);
         signal(old, libc::SIGKILL);
         // The keeper may back off after repeated crashes (at most a few seconds).
-        let (_, t) = wait_successor(&staging, old, Duration::from_secs(15))
-            .unwrap_or_else(|| panic!("cycle {cycle}: no successor\n{}", node.logs()));
+        let (_, t) = node.wait_successor(&staging, old, Duration::from_secs(15));
         took.push(t);
         assert!(workload.progress(1, Duration::from_secs(60)), "cycle {cycle}: the workload makes no progress");
     }
@@ -1323,7 +1375,7 @@ fn twenty_crashes_in_a_row_leak_nothing() {
     assert_eq!(open_fds(keeper), fds_before, "the keeper's descriptors after {CYCLES} crashes");
     let kids = children_of(keeper);
     assert_eq!(kids.len(), 1, "the keeper runs one mount process (zombies count): {kids:?}");
-    assert_eq!(mount_processes(&staging).len(), 1);
+    assert_eq!(node.mount_processes(&staging).len(), 1);
     assert_eq!(ours(&view.path), mounts_before, "no mount gained or lost");
     assert_workload_in_s3(&server, &pv.handle, "wl", 51, &report, &failed);
     assert_no_uploads(&server, &pv.handle);
@@ -1414,9 +1466,9 @@ fn a_killed_mount_process_under_a_plain_fd_holder_keeps_its_connection() {
     let workload = Workload::start(&mnt, "wl", 61);
     assert!(workload.progress(3, Duration::from_secs(60)), "the workload never got going\n{}", holder.log());
     let held = open_for_writing(&mnt.join("held.bin"), random_bytes(5, 64 << 10));
-    let old = mount_process(&mnt);
+    let old = mount_process(&[holder.child.id()], &mnt);
     signal(old, libc::SIGKILL);
-    let (new, took) = wait_successor(&mnt, old, RECOVERY_DEADLINE)
+    let (new, took) = wait_successor(&[holder.child.id()], &mnt, old, RECOVERY_DEADLINE)
         .unwrap_or_else(|| panic!("no new mount process within {RECOVERY_DEADLINE:?}\n{}", holder.log()));
     eprintln!("mount process {old} killed; {new} serves after {took:?}");
     assert!(workload.progress(3, Duration::from_secs(60)), "the workload makes no progress after the restart");

@@ -114,6 +114,11 @@ impl Driver {
         read_log(self.dir.path())
     }
 
+    /// Pid of the process started (the driver, or whatever `wrap` made of its command).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     pub fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
     }
