@@ -100,6 +100,10 @@ impl Driver {
                 }
             });
             channel = rt.block_on(Endpoint::from_static("http://localhost").connect_with_connector(connector)).ok();
+            // A connection made while a restarted server replaces the socket may be reset: ask
+            // once on it before taking it.
+            channel =
+                channel.take().filter(|c| rt.block_on(IdentityClient::new(c.clone()).probe(ProbeRequest {})).is_ok());
             channel.is_some()
         });
         assert!(connected, "cannot connect to {}: {}", socket.display(), read_log(dir.path()));
