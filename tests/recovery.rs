@@ -217,8 +217,11 @@ impl Container {
             .stderr(out)
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start container {name}: {e}"));
-        let c = Container { name: name.to_owned(), unshare, log };
-        assert!(wait_until(Duration::from_secs(10), || c.init().is_some()), "container {name} has no init");
+        let mut c = Container { name: name.to_owned(), unshare, log };
+        let started = wait_until(Duration::from_secs(10), || {
+            c.init().is_some() || c.unshare.try_wait().is_ok_and(|s| s.is_some())
+        });
+        assert!(started && c.init().is_some(), "container {name} has no init; its log:\n{}", c.log());
         c
     }
 
@@ -323,8 +326,14 @@ impl Node {
         let keeper = Container::start(&format!("keeper-{n}"), &keeper_command(&self.state_dir), log);
         // A later keeper takes over from the one answering now; the tests wait for that.
         let socket = self.state_dir.join("keeper.sock");
-        let ready = n > 1 || wait_until(KEEPER_READY, || std::os::unix::net::UnixStream::connect(&socket).is_ok());
-        assert!(ready, "keeper-{n} does not answer on {}:\n{}", socket.display(), keeper.log());
+        let mut keeper = keeper;
+        let ready = n > 1
+            || wait_until(KEEPER_READY, || {
+                keeper.unshare.try_wait().is_ok_and(|s| s.is_some())
+                    || std::os::unix::net::UnixStream::connect(&socket).is_ok()
+            });
+        let running = keeper.unshare.try_wait().is_ok_and(|s| s.is_none());
+        assert!(ready && running, "keeper-{n} does not answer on {}:\n{}", socket.display(), keeper.log());
         self.keepers.push(keeper);
         self.keepers.last().expect("just pushed")
     }
