@@ -835,6 +835,20 @@ impl Workload {
         wait_until(limit, || self.files_done() >= want)
     }
 
+    /// Waits (at most `limit`) until the workload is about to run one of `ops`.
+    fn wait_for_op(&self, ops: &[&str], limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            let text = std::fs::read_to_string(&self.spec.events).unwrap_or_default();
+            let last = text.lines().last().and_then(|l| serde_json::from_str::<Event>(l).ok());
+            if matches!(last, Some(Event::At { op, .. }) if ops.contains(&op.as_str())) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        false
+    }
+
     fn stop(mut self) -> Report {
         File::create(&self.spec.stop).expect("stop file");
         let status = common::wait_timeout(&mut self.child, HANG + Duration::from_secs(10));
@@ -1370,6 +1384,9 @@ fn twenty_crashes_in_a_row_leak_nothing() {
     let mut took = Vec::new();
     for cycle in 0..CYCLES {
         let old = node.mount_process(&staging);
+        // Aim at a file being written or closed, so the crash cuts a writer (the window is short:
+        // after a while the kill goes ahead anyway).
+        workload.wait_for_op(&["write", "close"], Duration::from_secs(2));
         signal(old, libc::SIGKILL);
         // The keeper may back off after repeated crashes (at most a few seconds).
         let (_, t) = node.wait_successor(&staging, old, Duration::from_secs(15));
