@@ -47,6 +47,19 @@ impl Driver {
     }
 
     pub fn start_with(server: &S3Server, creds: Creds, dir: TempDir, state_dir: PathBuf) -> Driver {
+        Self::start_wrapped(server, creds, dir, state_dir, &[], |cmd| cmd)
+    }
+
+    /// Like [`Driver::start_with`], with `extra_args` after the standard ones and the finished
+    /// command passed through `wrap` before it is spawned (to run it inside a namespace, say).
+    pub fn start_wrapped(
+        server: &S3Server,
+        creds: Creds,
+        dir: TempDir,
+        state_dir: PathBuf,
+        extra_args: &[&str],
+        wrap: impl FnOnce(Command) -> Command,
+    ) -> Driver {
         let socket = dir.path().join("csi.sock");
         let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.path().join("driver.log")).unwrap();
         let metrics_port = super::free_port();
@@ -57,19 +70,22 @@ impl Driver {
             .arg(format!("--region={}", server.region()))
             .arg(format!("--state-dir={}", state_dir.display()))
             .arg(format!("--metrics-address=127.0.0.1:{metrics_port}"))
+            .args(extra_args)
             .env_remove("AWS_ACCESS_KEY_ID")
             .env_remove("AWS_SECRET_ACCESS_KEY")
             .env_remove("AWS_PROFILE")
             .env("AWS_SHARED_CREDENTIALS_FILE", dir.path().join("no-credentials"))
             .env("AWS_CONFIG_FILE", dir.path().join("no-config"))
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log);
+            .env("RUST_LOG", "info");
         if creds == Creds::Env {
             cmd.envs(server.env());
         }
-        let child = cmd.spawn().expect("start s3csi csi");
+        let child = wrap(cmd)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start s3csi csi");
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
         assert!(wait_until(STARTUP_TIMEOUT, || socket.exists()), "socket never appeared: {}", read_log(dir.path()));
         // The socket file appears at bind(), a moment before listen(), and a killed predecessor
@@ -84,6 +100,10 @@ impl Driver {
                 }
             });
             channel = rt.block_on(Endpoint::from_static("http://localhost").connect_with_connector(connector)).ok();
+            // A connection made while a restarted server replaces the socket may be reset: ask
+            // once on it before taking it.
+            channel =
+                channel.take().filter(|c| rt.block_on(IdentityClient::new(c.clone()).probe(ProbeRequest {})).is_ok());
             channel.is_some()
         });
         assert!(connected, "cannot connect to {}: {}", socket.display(), read_log(dir.path()));
@@ -96,6 +116,11 @@ impl Driver {
 
     pub fn log(&self) -> String {
         read_log(self.dir.path())
+    }
+
+    /// Pid of the process started (the driver, or whatever `wrap` made of its command).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     pub fn path(&self, name: &str) -> PathBuf {

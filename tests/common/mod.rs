@@ -437,6 +437,28 @@ impl S3Server {
         });
     }
 
+    /// Multipart uploads started in `bucket` and neither completed nor aborted: (key, upload id).
+    pub fn multipart_uploads(&self, bucket: &str) -> Vec<(String, String)> {
+        self.runtime.block_on(async {
+            let out = self
+                .client
+                .list_multipart_uploads()
+                .bucket(bucket)
+                .send()
+                .await
+                .unwrap_or_else(|e| panic!("ListMultipartUploads {bucket}: {}", DisplayErrorContext(e)));
+            out.uploads()
+                .iter()
+                .map(|u| (u.key().unwrap_or_default().to_owned(), u.upload_id().unwrap_or_default().to_owned()))
+                .collect()
+        })
+    }
+
+    /// Pid of a local server's process (none for an external endpoint), to pause it with SIGSTOP.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// Every key in `bucket` (under `prefix`), in listing order.
     pub fn list_keys(&self, bucket: &str, prefix: &str) -> Vec<String> {
         self.runtime.block_on(async {
