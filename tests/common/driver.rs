@@ -3,6 +3,7 @@
 //! and lazily unmounts anything left under its tempdir.
 
 use std::collections::HashMap;
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -133,7 +134,9 @@ impl Driver {
         child.kill().unwrap();
         child.wait().unwrap();
         let dir = std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap());
-        (dir, self.state_dir.clone())
+        // What runs under the state directory (keeper, mounts) lives on for the next driver.
+        let state_dir = std::mem::replace(&mut self.state_dir, self.dir.path().join("state"));
+        (dir, state_dir)
     }
 
     pub fn controller(&self) -> ControllerClient<Channel> {
@@ -211,12 +214,33 @@ impl Drop for Driver {
             let _ = child.kill();
             let _ = child.wait();
         }
+        // The keeper the driver started for itself, and its mount processes, outlive the driver
+        // by design; a test ends them with it.
+        kill_processes_using(&self.state_dir);
         // Never leave mounts behind, whatever the test did.
         let mut leftovers: Vec<PathBuf> =
             super::mounts().into_iter().map(|(p, _)| p).filter(|p| p.starts_with(self.dir.path())).collect();
         leftovers.reverse();
         for p in leftovers {
             let _ = Command::new("umount").arg("-l").arg(&p).status();
+        }
+    }
+}
+
+/// SIGKILLs every process with an argument under `dir` (a keeper's `--state-dir`, a mount's
+/// `--recovery-dir`).
+fn kill_processes_using(dir: &Path) {
+    let Ok(procs) = std::fs::read_dir("/proc") else { return };
+    let me = std::process::id();
+    for pid in procs.flatten().filter_map(|e| e.file_name().to_str().and_then(|n| n.parse::<u32>().ok())) {
+        if pid == me {
+            continue;
+        }
+        let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else { continue };
+        let uses = cmdline.split(|&b| b == 0).any(|arg| Path::new(std::ffi::OsStr::from_bytes(arg)).starts_with(dir));
+        if uses {
+            // SAFETY: a signal to a process of this test.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
         }
     }
 }
