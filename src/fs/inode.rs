@@ -37,11 +37,21 @@ pub struct Stat {
     pub attrs: StoredAttrs,
     /// Whether this came from HEAD (metadata known) rather than a listing.
     pub from_head: bool,
+    /// A directory known to have its marker object (false: absent or not known).
+    pub marker: bool,
 }
 
 impl Stat {
     pub fn new(size: u64, mtime: SystemTime) -> Self {
-        Stat { size, mtime, etag: None, validated_at: Instant::now(), attrs: StoredAttrs::default(), from_head: false }
+        Stat {
+            size,
+            mtime,
+            etag: None,
+            validated_at: Instant::now(),
+            attrs: StoredAttrs::default(),
+            from_head: false,
+            marker: false,
+        }
     }
 }
 

@@ -1032,9 +1032,77 @@ mod tests {
         assert_eq!(record.entries.keys().collect::<Vec<_>>(), ["plain/"], "only what still exists");
         fs3.rmdir(ROOT_INO, "plain").await.unwrap_err();
         fs3.unlink(plain.ino, "inside").await.unwrap();
-        fs3.note_entry(ROOT_INO, "plain", Kind::Dir, None);
+        // The emptied directory stays (it got a marker) until it is removed.
+        fs3.rmdir(ROOT_INO, "plain").await.unwrap();
         fs3.flush_records().await;
         assert!(store.keys().is_empty(), "{:?}", store.keys());
+    }
+
+    #[tokio::test]
+    async fn a_directory_whose_marker_is_gone_loses_its_recorded_attributes() {
+        // A rename that failed half-way left "d" implied by a key under it, its marker gone and
+        // its record entry (mode 0700) behind: S3 holds no attributes for it any more.
+        let store = Arc::new(FakeStore::new("b"));
+        let fs = fs_with(Arc::clone(&store), "", Duration::ZERO);
+        let d = fs.mkdir(POD, ROOT_INO, "d", 0o700).await.unwrap();
+        let (_, fh) = fs.create(POD, d.ino, "f", 0o644, libc::O_WRONLY).await.unwrap();
+        fs.release(fh).await.unwrap();
+        fs.flush_records().await;
+        assert_eq!(fs.lookup(ROOT_INO, "d").await.unwrap().perm, 0o700);
+        store.delete("d/");
+        names(&fs, ROOT_INO).await;
+        let d = fs.lookup(ROOT_INO, "d").await.unwrap();
+        assert_eq!((d.perm, d.uid), (0o750, 7), "the mount's defaults, as for any implied directory");
+        fs.flush_records().await;
+        let record = fs.records.load("").await.unwrap_or_default();
+        assert!(record.dir("d").is_none(), "the stale entry is dropped: {record:?}");
+        // A failed HEAD of a listed marker is an error, not the defaults.
+        fs.mkdir(POD, ROOT_INO, "m", 0o700).await.unwrap();
+        names(&fs, ROOT_INO).await;
+        store.fail_heads_of.lock().unwrap().push("m/".to_owned());
+        assert_eq!(fs.lookup(ROOT_INO, "m").await.unwrap_err().errno(), libc::EIO);
+        assert_eq!(fs.lookup(ROOT_INO, "m").await.unwrap().perm, 0o700);
+    }
+
+    #[tokio::test]
+    async fn an_implied_directory_outlives_its_last_entry() {
+        // Directories another client implied by keys under them, emptied here by unlink, rename
+        // and rmdir: each stays, as a directory does, through a marker written first.
+        let store = Arc::new(FakeStore::new("b"));
+        for k in ["u/only", "r/only", "d/sub/x", "deep/a/b/c"] {
+            store.put(k, b"x".to_vec());
+        }
+        let fs = fs_with(Arc::clone(&store), "", Duration::ZERO);
+        let u = fs.lookup(ROOT_INO, "u").await.unwrap();
+        fs.unlink(u.ino, "only").await.unwrap();
+        let r = fs.lookup(ROOT_INO, "r").await.unwrap();
+        fs.rename(r.ino, "only", ROOT_INO, "moved", 0).await.unwrap();
+        let d = fs.lookup(ROOT_INO, "d").await.unwrap();
+        let sub = fs.lookup(d.ino, "sub").await.unwrap();
+        fs.unlink(sub.ino, "x").await.unwrap();
+        fs.rmdir(d.ino, "sub").await.unwrap();
+        for k in ["u/", "r/", "d/"] {
+            assert!(store.data(k).is_some(), "marker {k} written: {:?}", store.keys());
+        }
+        assert_eq!(names(&fs, ROOT_INO).await, ["d", "deep", "moved", "r", "u"]);
+        for dir in ["u", "r", "d"] {
+            let a = fs.lookup(ROOT_INO, dir).await.unwrap();
+            assert_eq!((a.kind, a.perm), (Kind::Dir, 0o750), "{dir}: the defaults it had");
+            assert!(names(&fs, a.ino).await.is_empty());
+        }
+        // A directory known to have its marker (made here, or listed) costs no extra LIST, and a
+        // rename within one directory none either.
+        let m = fs.mkdir(ROOT, ROOT_INO, "m", 0o755).await.unwrap();
+        let (_, fh) = fs.create(ROOT, m.ino, "f", 0o644, libc::O_WRONLY).await.unwrap();
+        fs.release(fh).await.unwrap();
+        let lists = store.lists.load(Ordering::Relaxed);
+        fs.unlink(m.ino, "f").await.unwrap();
+        assert_eq!(store.lists.load(Ordering::Relaxed), lists + 1, "the lookup's LIST only");
+        let deep = fs.lookup(ROOT_INO, "deep").await.unwrap();
+        let a = fs.lookup(deep.ino, "a").await.unwrap();
+        let b = fs.lookup(a.ino, "b").await.unwrap();
+        fs.rename(b.ino, "c", b.ino, "c2", 0).await.unwrap();
+        assert!(store.data("deep/a/b/").is_none(), "nothing left the implied directory");
     }
 
     #[tokio::test]

@@ -82,12 +82,18 @@ impl<S: ObjectStore> S3Fs<S> {
             let mut stat = self.dir_stat();
             // S3 has been asked: what it said about the attributes is settled for the TTL.
             stat.from_head = true;
-            if let Some(marker) = list.objects.iter().find(|o| o.key == dir_prefix)
-                && let Ok(meta) = self.store.head_object(&marker.key).await
-            {
-                // A marker's Last-Modified is as stable as a stored mtime.
-                let m = stat_from_meta(&meta);
-                (stat.attrs, stat.mtime) = (m.attrs, m.mtime);
+            if let Some(marker) = list.objects.iter().find(|o| o.key == dir_prefix) {
+                match self.store.head_object(&marker.key).await {
+                    Ok(meta) => {
+                        // A marker's Last-Modified is as stable as a stored mtime.
+                        let m = stat_from_meta(&meta);
+                        (stat.attrs, stat.mtime, stat.marker) = (m.attrs, m.mtime, true);
+                    }
+                    // Removed since the listing: a directory implied by its keys.
+                    Err(S3Error::NotFound(_)) => {}
+                    // Not the defaults in its place: a failed HEAD is an error, not an answer.
+                    Err(e) => return Err(e.into()),
+                }
             }
             return Ok(Some((Kind::Dir, stat)));
         }
@@ -138,10 +144,18 @@ impl<S: ObjectStore> S3Fs<S> {
         let unrecorded_dir = known_dir.as_ref().is_some_and(|stat| self.fresh(stat) && !stat.from_head);
         match self.probe(&self.inodes.key(dir), name).await? {
             Some((kind, mut stat)) => {
-                // A directory without a marker (a server that cannot keep one) keeps what the
-                // record said of it, instead of falling back to the defaults.
-                if let Some(known) = known_dir.filter(|_| kind == Kind::Dir && stat.attrs == StoredAttrs::default()) {
-                    (stat.attrs, stat.mtime) = (known.attrs, known.mtime);
+                let bare_dir = kind == Kind::Dir && stat.attrs == StoredAttrs::default();
+                if let Some(known) = known_dir.as_ref().filter(|_| bare_dir) {
+                    if !self.markers.load(Ordering::Relaxed) {
+                        // A server that cannot keep markers: the record is the only place the
+                        // directory's attributes live.
+                        (stat.attrs, stat.mtime) = (known.attrs.clone(), known.mtime);
+                    } else if known.attrs != StoredAttrs::default() {
+                        // Markers are kept, yet this one is gone or carries no attributes (a
+                        // half-done rename, another client): the record describes a directory
+                        // that no longer exists. Drop its entry, so listings stop showing it.
+                        self.records.note(&self.inodes.key(dir), &dir_entry_name(name), None);
+                    }
                 }
                 if unrecorded_dir && kind == Kind::Dir {
                     self.records.note(&self.inodes.key(dir), &dir_entry_name(name), Self::dir_entry(&stat.attrs));
@@ -257,6 +271,7 @@ impl<S: ObjectStore> S3Fs<S> {
         self.set_new_owner(&mut stat, caller, &dir, Kind::Dir, mode);
         let metadata = stat.attrs.encode();
         let markers = self.markers.load(Ordering::Relaxed);
+        stat.marker = markers;
         if markers {
             self.store.put_object(&format!("{key}/"), Bytes::new(), &metadata).await?;
         }
@@ -325,12 +340,36 @@ impl<S: ObjectStore> S3Fs<S> {
         if let Some(held) = &mut held {
             held.keep_bytes(&self.writes, &key).await;
         }
+        self.keep_dir(&dir).await?;
         self.store.delete_object(&key).await?;
         if let Some(held) = &held {
             held.mark_unlinked();
         }
         self.note_entry(parent, name, inode.kind, None);
         self.inodes.unlink_name(parent, name);
+        Ok(())
+    }
+
+    /// Before an entry leaves `dir`: a directory without a marker object exists only through
+    /// the keys under it (written by another client, or left by an interrupted rename), and
+    /// would vanish with its last entry. It gets a marker first, so it stays, as a directory
+    /// does. One LIST the first time, for directories not already known to have one.
+    pub(super) async fn keep_dir(&self, dir: &Inode) -> Result<(), FsError> {
+        if dir.ino == super::inode::ROOT_INO
+            || !self.markers.load(Ordering::Relaxed)
+            || dir.local_dir.load(Ordering::Relaxed)
+            || dir.stat.lock().unwrap().marker
+        {
+            return Ok(());
+        }
+        let key = self.inodes.key(dir);
+        let page = self.store.list_page(&key, None, None, Some(1)).await?;
+        if page.objects.first().is_none_or(|o| o.key != key) {
+            let attrs = dir.stat().attrs;
+            self.store.put_object(&key, Bytes::new(), &attrs.encode()).await?;
+            tracing::debug!(key, "wrote a marker for a directory that had none, so it outlives its last entry");
+        }
+        dir.stat.lock().unwrap().marker = true;
         Ok(())
     }
 
@@ -357,6 +396,7 @@ impl<S: ObjectStore> S3Fs<S> {
             return Err(FsError::NotEmpty);
         }
         let key = self.inodes.key(&inode);
+        self.keep_dir(&dir).await?;
         self.records.delete(&key).await?;
         self.store.delete_object(&key).await?;
         self.note_entry(parent, name, Kind::Dir, None);
@@ -470,6 +510,9 @@ impl<S: ObjectStore> S3Fs<S> {
         }
         if src.kind == Kind::Dir && format!("{new_key_base}/").starts_with(&self.inodes.key(&src)) {
             return Err(FsError::Invalid("cannot move a directory into itself"));
+        }
+        if parent != newparent {
+            self.keep_dir(&dir).await?;
         }
         // The files the rename moves or replaces are locked (in inode order) across all of it:
         // no write, truncate or commit of them runs until their keys are the new ones, and a
@@ -676,7 +719,10 @@ impl<S: ObjectStore> S3Fs<S> {
         let pending = self.inodes.pending_children(dir.ino);
         // The record (one GET) comes beside the LIST pages.
         let (record, names) = tokio::join!(self.records.load(&dir_key), self.list_names(&dir_key));
-        let mut names = names?;
+        let (mut names, marker) = names?;
+        if marker {
+            dir.stat.lock().unwrap().marker = true;
+        }
         // Every entry counts as seen now, when the whole listing is known: with thousands of
         // entries the first pages are seconds old by the last one, and `ls -l` looks them up
         // only after reading the whole directory.
@@ -713,9 +759,14 @@ impl<S: ObjectStore> S3Fs<S> {
     }
 
     /// Every name directly under `dir_key`: directories (common prefixes; they win over an
-    /// object of the same name) and objects with what the listing says of them.
-    pub(super) async fn list_names(&self, dir_key: &str) -> Result<BTreeMap<String, (Kind, Option<Stat>)>, FsError> {
+    /// object of the same name) and objects with what the listing says of them; and whether the
+    /// directory's own marker object was listed.
+    pub(super) async fn list_names(
+        &self,
+        dir_key: &str,
+    ) -> Result<(BTreeMap<String, (Kind, Option<Stat>)>, bool), FsError> {
         let mut names: BTreeMap<String, (Kind, Option<Stat>)> = BTreeMap::new();
+        let mut marker = false;
         let mut token = None;
         loop {
             let page = self.store.list_page(dir_key, Some("/"), token, None).await?;
@@ -730,7 +781,8 @@ impl<S: ObjectStore> S3Fs<S> {
             for o in &page.objects {
                 let Some(name) = o.key.strip_prefix(dir_key) else { continue };
                 if name.is_empty() {
-                    continue; // the directory's own marker object
+                    marker = true; // the directory's own marker object
+                    continue;
                 }
                 if !valid_name(name) {
                     if name != records::RECORD_NAME && name != RESERVED_NAME {
@@ -746,7 +798,7 @@ impl<S: ObjectStore> S3Fs<S> {
                 None => break,
             }
         }
-        Ok(names)
+        Ok((names, marker))
     }
 
     /// What a directory's record says about a listed entry (see [`records`]): with no record,

@@ -13,8 +13,11 @@
 //!
 //! The objects' own metadata stays the source of truth (every HEAD and every open reads it).
 //! Records are written behind: changes are queued per directory and merged into the stored record
-//! (read, merge, write) at most once per [`FLUSH_INTERVAL`], and at unmount. A record update lost to
-//! a crash or to two mounts writing the same record at once only costs HEADs later.
+//! (read, merge, write) at most once per [`FLUSH_INTERVAL`], and at unmount; a failed read or write
+//! keeps the changes queued for the next flush. A record update lost to a crash or to two mounts
+//! writing the same record at once only costs HEADs later. A directory entry cannot be checked
+//! against a listing (a delimited LIST shows no marker), so a lookup that finds the marker gone
+//! drops the entry on servers that keep markers.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -32,6 +35,8 @@ pub const FLUSH_INTERVAL: Duration = Duration::from_secs(1);
 /// Largest record read (a 16 MiB record describes well over 100,000 entries); a larger or
 /// unreadable one is ignored, which only costs HEADs.
 const MAX_RECORD_BYTES: u64 = 16 << 20;
+/// Flushes in a row that may fail for one directory before its queued changes are dropped.
+const MAX_FLUSH_ATTEMPTS: u32 = 5;
 
 /// What the record says about one entry.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -97,11 +102,18 @@ pub struct Records<S> {
     pending: Mutex<Pending>,
     /// Serializes flushes, so two never merge into the same record at once.
     flushing: tokio::sync::Mutex<()>,
+    /// Directories whose last flushes failed, with how many in a row.
+    failures: Mutex<HashMap<String, u32>>,
 }
 
 impl<S: ObjectStore> Records<S> {
     pub fn new(store: Arc<S>) -> Self {
-        Records { store, pending: Mutex::new(HashMap::new()), flushing: tokio::sync::Mutex::new(()) }
+        Records {
+            store,
+            pending: Mutex::new(HashMap::new()),
+            flushing: tokio::sync::Mutex::new(()),
+            failures: Mutex::new(HashMap::new()),
+        }
     }
 
     fn key(dir_key: &str) -> String {
@@ -111,7 +123,10 @@ impl<S: ObjectStore> Records<S> {
     /// The record of a directory as stored, with the changes still queued here applied.
     /// `None` when the directory has none (or it cannot be read).
     pub async fn load(&self, dir_key: &str) -> Option<DirRecord> {
-        let stored = self.fetch(dir_key).await;
+        let stored = self.fetch(dir_key).await.unwrap_or_else(|e| {
+            tracing::debug!(dir_key, error = %e, "cannot read the directory attribute record; using HEADs");
+            None
+        });
         let pending = self.pending.lock().unwrap().get(dir_key).cloned();
         match (stored, pending) {
             (stored, None) => stored,
@@ -123,35 +138,28 @@ impl<S: ObjectStore> Records<S> {
         }
     }
 
-    async fn fetch(&self, dir_key: &str) -> Option<DirRecord> {
+    /// The stored record: `Ok(None)` when there is none or it is unreadable (it is rewritten
+    /// whole with the next change), an error when S3 could not say.
+    async fn fetch(&self, dir_key: &str) -> Result<Option<DirRecord>, S3Error> {
         let key = Self::key(dir_key);
         let object = ObjectId { key: key.clone(), version: String::new(), has_etag: false };
         let get = match self.store.get_range(&object, 0..MAX_RECORD_BYTES).await {
             Ok(g) => g,
-            Err(S3Error::NotFound(_)) | Err(S3Error::InvalidRange(_)) => return None,
-            Err(e) => {
-                tracing::debug!(key, error = %e, "cannot read the directory attribute record; using HEADs");
-                return None;
-            }
+            Err(S3Error::NotFound(_)) | Err(S3Error::InvalidRange(_)) => return Ok(None),
+            Err(e) => return Err(e),
         };
         use futures::StreamExt;
         let mut body = get.body;
         let mut data = Vec::new();
         while let Some(chunk) = body.next().await {
-            match chunk {
-                Ok(c) => data.extend_from_slice(&c),
-                Err(e) => {
-                    tracing::debug!(key, error = %e, "cannot read the directory attribute record; using HEADs");
-                    return None;
-                }
-            }
+            data.extend_from_slice(&chunk?);
         }
         match serde_json::from_slice::<DirRecord>(&data) {
-            Ok(r) => Some(r),
+            Ok(r) => Ok(Some(r)),
             Err(e) => {
                 tracing::warn!(key, error = %e, "ignoring an unreadable directory attribute record; it is rewritten \
                     with the next change in that directory");
-                None
+                Ok(None)
             }
         }
     }
@@ -194,23 +202,51 @@ impl<S: ObjectStore> Records<S> {
     }
 
     /// Writes every queued change: per directory, read the stored record, merge, write it (or
-    /// delete it when it became empty). Failures are logged and cost only HEADs later.
+    /// delete it when it became empty). A directory whose record cannot be read or written keeps
+    /// its changes queued for the next flush (a record merged into an unread one would drop the
+    /// other entries); after [`MAX_FLUSH_ATTEMPTS`] failures in a row they are dropped with a
+    /// warning, which only costs HEADs later (and directory attributes shown from the record
+    /// until a lookup finds its marker).
     pub async fn flush(&self) {
         let _one = self.flushing.lock().await;
         let pending = std::mem::take(&mut *self.pending.lock().unwrap());
         for (dir_key, changes) in pending {
-            let mut record = self.fetch(&dir_key).await.unwrap_or_default();
-            apply(&mut record, changes);
             let key = Self::key(&dir_key);
-            let result = if record.entries.is_empty() {
-                self.store.delete_object(&key).await
-            } else {
-                let body = Bytes::from(serde_json::to_vec(&record).expect("a record always serializes"));
-                self.store.put_object(&key, body, &UserMetadata::new()).await.map(|_| ())
+            let result = match self.fetch(&dir_key).await {
+                Ok(stored) => {
+                    let mut record = stored.unwrap_or_default();
+                    apply(&mut record, changes.clone());
+                    if record.entries.is_empty() {
+                        self.store.delete_object(&key).await
+                    } else {
+                        let body = Bytes::from(serde_json::to_vec(&record).expect("a record always serializes"));
+                        self.store.put_object(&key, body, &UserMetadata::new()).await.map(|_| ())
+                    }
+                }
+                Err(e) => Err(e),
             };
-            if let Err(e) = result {
-                tracing::warn!(key, error = %e, "cannot write the directory attribute record; listings there use \
-                    HEADs until the next change");
+            let mut failures = self.failures.lock().unwrap();
+            match result {
+                Ok(()) => {
+                    failures.remove(&dir_key);
+                }
+                Err(e) => {
+                    let attempts = failures.entry(dir_key.clone()).or_default();
+                    *attempts += 1;
+                    if *attempts >= MAX_FLUSH_ATTEMPTS {
+                        failures.remove(&dir_key);
+                        tracing::warn!(key, error = %e, attempts = MAX_FLUSH_ATTEMPTS, "giving up on updating the \
+                            directory attribute record; listings there use HEADs until the next change");
+                        continue;
+                    }
+                    tracing::debug!(key, error = %e, "cannot update the directory attribute record; retrying");
+                    // Changes queued since this flush began are newer: they win.
+                    let mut pending = self.pending.lock().unwrap();
+                    let queued = pending.entry(dir_key).or_default();
+                    for (name, entry) in changes {
+                        queued.entry(name).or_insert(entry);
+                    }
+                }
             }
         }
     }
@@ -233,6 +269,7 @@ fn apply(record: &mut DirRecord, changes: BTreeMap<String, Option<RecordEntry>>)
 mod tests {
     use super::*;
     use crate::s3::fake::FakeStore;
+    use std::sync::atomic::Ordering;
 
     fn entry(etag: &str, size: u64, uid: &str) -> RecordEntry {
         RecordEntry {
@@ -272,6 +309,36 @@ mod tests {
         a.note("d/", "y", None);
         a.flush().await;
         assert!(store.keys().is_empty(), "{:?}", store.keys());
+    }
+
+    #[tokio::test]
+    async fn failed_flushes_keep_changes_queued_and_never_clobber_the_stored_record() {
+        let store = Arc::new(FakeStore::new("b"));
+        let r = Records::new(Arc::clone(&store));
+        r.note("d/", "x", Some(entry("e1", 1, "1")));
+        r.flush().await;
+        // The read fails: nothing is written (an empty merge would drop "x"), the change waits.
+        r.note("d/", "y", Some(entry("e2", 2, "2")));
+        store.fail_gets.store(1, Ordering::Relaxed);
+        r.flush().await;
+        let stored = Records::new(Arc::clone(&store)).load("d/").await.unwrap();
+        assert_eq!(stored.entries.keys().collect::<Vec<_>>(), ["x"]);
+        // The write fails: still queued; a change noted meanwhile wins over the retried one.
+        store.fail_puts.store(1, Ordering::Relaxed);
+        r.flush().await;
+        r.note("d/", "y", Some(entry("e3", 3, "3")));
+        r.flush().await;
+        let stored = Records::new(Arc::clone(&store)).load("d/").await.unwrap();
+        assert_eq!(stored.entries.keys().collect::<Vec<_>>(), ["x", "y"]);
+        assert_eq!(stored.entries["y"].etag.as_deref(), Some("e3"));
+        // A store that keeps failing: the changes are dropped after the last attempt.
+        r.note("d/", "z", Some(entry("e4", 4, "4")));
+        store.fail_puts.store(MAX_FLUSH_ATTEMPTS as usize, Ordering::Relaxed);
+        for _ in 0..MAX_FLUSH_ATTEMPTS {
+            r.flush().await;
+        }
+        assert!(r.pending.lock().unwrap().is_empty());
+        assert!(r.failures.lock().unwrap().is_empty());
     }
 
     #[tokio::test]

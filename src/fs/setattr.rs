@@ -104,6 +104,7 @@ impl<S: ObjectStore> S3Fs<S> {
         };
         self.note_entry(inode.parent(), &inode.name(), inode.kind, entry);
         stat.from_head = true;
+        stat.marker |= inode.kind == Kind::Dir;
         stat.validated_at = Instant::now();
         inode.set_stat(stat);
         Ok(())

@@ -56,6 +56,8 @@ pub struct FakeStore {
     pub fail_gets: AtomicUsize,
     /// The next this-many uploads (PUT, part, complete) fail with a 503.
     pub fail_puts: AtomicUsize,
+    /// Keys whose next HEAD fails with a 503 (each entry serves once).
+    pub fail_heads_of: Mutex<Vec<String>>,
     /// PUTs wait this many milliseconds before storing (to widen races in tests).
     pub put_delay_ms: AtomicU64,
     /// CopyObject waits this many milliseconds before copying (to widen races in tests).
@@ -173,6 +175,17 @@ impl ObjectStore for FakeStore {
 
     async fn head_object(&self, key: &str) -> Result<ObjectMeta, S3Error> {
         self.heads.fetch_add(1, Ordering::Relaxed);
+        let mut failing = self.fail_heads_of.lock().unwrap();
+        if let Some(i) = failing.iter().position(|k| k == key) {
+            failing.remove(i);
+            return Err(S3Error::Service {
+                operation: "HeadObject",
+                status: 503,
+                code: "SlowDown".into(),
+                message: "injected failure".into(),
+            });
+        }
+        drop(failing);
         let objects = self.objects.lock().unwrap();
         objects.get(key).map(|o| meta(key, o)).ok_or_else(|| S3Error::NotFound(key.to_owned()))
     }
