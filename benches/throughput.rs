@@ -4,7 +4,8 @@
 //! Run with `cargo bench --bench throughput`. Uses the test harness to start s3s-fs on
 //! 127.0.0.1 (or `S3CSI_TEST_ENDPOINT`). `S3CSI_BENCH_RUNS` (default 3) sets the repetitions;
 //! every figure is the median over them, and every ratio is taken within one run before the
-//! median. `S3CSI_BENCH=read` or `=write` runs one half.
+//! median. `S3CSI_BENCH=read` or `=write` runs one half; `=sequential` only the cold
+//! sequential read and its raw baseline.
 //!
 //! Every read workload runs on a fresh mount with a metrics endpoint: the table shows the bytes
 //! the daemon fetched from S3 per byte the workload read (its `s3_read_bytes` counter) and the
@@ -169,6 +170,27 @@ fn vmhwm_mib(pid: u32) -> f64 {
         .and_then(|v| v.trim().strip_suffix("kB")?.trim().parse().ok())
         .unwrap_or_else(|| panic!("no VmHWM in /proc/{pid}/status"));
     kib as f64 / 1024.0
+}
+
+/// CPU seconds (user + system) process `pid` has used so far.
+fn cpu_secs(pid: u32) -> f64 {
+    let stat =
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_else(|e| panic!("read /proc/{pid}/stat: {e}"));
+    // After the command name in parentheses: state is field 3, utime 14 and stime 15.
+    let fields: Vec<&str> =
+        stat.rsplit_once(')').map(|(_, rest)| rest).unwrap_or_default().split_whitespace().collect();
+    let ticks: f64 = fields[11..13].iter().map(|f| f.parse::<f64>().expect("clock ticks")).sum();
+    // SAFETY: sysconf only reads a configuration value.
+    ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+}
+
+/// CPU seconds used by the processes in `pids` (the S3 server, the mount, this benchmark)
+/// while `work` runs, per GiB of `bytes`.
+fn cpu_per_gib(pids: &[u32], bytes: u64, work: impl FnOnce()) -> Vec<f64> {
+    let before: Vec<f64> = pids.iter().map(|&p| cpu_secs(p)).collect();
+    work();
+    let gib = bytes as f64 / (1u64 << 30) as f64;
+    pids.iter().zip(before).map(|(&p, b)| (cpu_secs(p) - b) / gib).collect()
 }
 
 /// Bytes fetched from S3 according to a metrics scrape: every series of `s3_read_bytes`.
@@ -463,7 +485,17 @@ fn table_line(name: &str, mount: &str, raw: &str, ratio: &str, fetched: &str, rs
 /// Sequential cold read of the big object on a fresh mount with the default budgets.
 fn sequential_cold(server: &S3Server, bucket: &str, raw: f64, table: &mut Table) {
     let probe = Probe::new(server, bucket, None);
-    let seen = probe.observe(|| read_file(&probe.join("big")));
+    let mut seen = None;
+    let pids = [server.pid(), Some(probe.pid), Some(std::process::id())];
+    let cpu = cpu_per_gib(&pids.iter().flatten().copied().collect::<Vec<_>>(), BIG_BYTES, || {
+        seen = Some(probe.observe(|| read_file(&probe.join("big"))));
+    });
+    let seen = seen.expect("observed");
+    if let [server, mount, reader] = cpu[..] {
+        println!(
+            "  sequential read: CPU seconds per GiB: S3 server {server:.2}, mount process {mount:.2}, reader {reader:.2}"
+        );
+    }
     table.record(
         "sequential cold read, 1 GiB",
         Unit::MibPerSec,
@@ -612,11 +644,21 @@ fn read_while_writing(server: &S3Server, bucket: &str, run: usize, table: &mut T
     server.delete(bucket, &key);
 }
 
-fn read_run(server: &S3Server, bucket: &str, run: usize, table: &mut Table) {
+fn read_run(server: &S3Server, bucket: &str, run: usize, only_sequential: bool, table: &mut Table) {
     println!("run {}:", run + 1);
     let seed = 99 + run as u64;
-    let raw = raw_get(server, bucket, "big", BIG_BYTES);
+    let mut raw = 0.0;
+    let pids = [server.pid(), Some(std::process::id())];
+    let cpu = cpu_per_gib(&pids.iter().flatten().copied().collect::<Vec<_>>(), BIG_BYTES, || {
+        raw = raw_get(server, bucket, "big", BIG_BYTES);
+    });
+    if let [server, client] = cpu[..] {
+        println!("  raw GETs: {raw:.0} MiB/s; CPU seconds per GiB: S3 server {server:.2}, client {client:.2}");
+    }
     sequential_cold(server, bucket, raw, table);
+    if only_sequential {
+        return;
+    }
     warm_reread(server, bucket, raw, table);
     random_reads(server, bucket, &RANDOM_LARGE, seed, table);
     random_reads(server, bucket, &RANDOM_SMALL, seed, table);
@@ -625,7 +667,7 @@ fn read_run(server: &S3Server, bucket: &str, run: usize, table: &mut Table) {
     read_while_writing(server, bucket, run, table);
 }
 
-fn bench_reads(server: &S3Server, runs: usize) {
+fn bench_reads(server: &S3Server, runs: usize, only_sequential: bool) {
     let bucket = server.unique_bucket("bench");
     println!(
         "uploading {} MiB of test data and {SMALL_FILES} small objects to {} ...",
@@ -634,18 +676,23 @@ fn bench_reads(server: &S3Server, runs: usize) {
     );
     server.put(&bucket, "big", &random_bytes(BIG_BYTES, 1));
     for i in 0..READERS {
+        if only_sequential {
+            break;
+        }
         server.put(&bucket, &format!("reader-{i}"), &random_bytes(READER_OBJECT_BYTES, 10 + i as u64));
     }
-    let small = small_keys().into_iter().enumerate();
-    server.put_many(
-        &bucket,
-        small.map(|(i, k)| (k, random_bytes(SMALL_FILE_BYTES as u64, 500 + i as u64))).collect(),
-        16,
-    );
+    if !only_sequential {
+        let small = small_keys().into_iter().enumerate();
+        server.put_many(
+            &bucket,
+            small.map(|(i, k)| (k, random_bytes(SMALL_FILE_BYTES as u64, 500 + i as u64))).collect(),
+            16,
+        );
+    }
 
     let mut table = Table::default();
     for run in 0..runs {
-        read_run(server, &bucket, run, &mut table);
+        read_run(server, &bucket, run, only_sequential, &mut table);
     }
     table.print(runs, server.endpoint());
 }
@@ -814,9 +861,9 @@ fn main() {
     let which = std::env::var("S3CSI_BENCH").unwrap_or_default();
     let server = S3Server::start();
     if which != "write" {
-        bench_reads(&server, runs);
+        bench_reads(&server, runs, which == "sequential");
     }
-    if which != "read" {
+    if which != "read" && which != "sequential" {
         bench_writes(&server, runs);
     }
 }
