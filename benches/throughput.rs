@@ -5,7 +5,8 @@
 //! 127.0.0.1 (or `S3CSI_TEST_ENDPOINT`). `S3CSI_BENCH_RUNS` (default 3) sets the repetitions;
 //! every figure is the median over them, and every ratio is taken within one run before the
 //! median. `S3CSI_BENCH=read` or `=write` runs one half; `=sequential` only the cold
-//! sequential read and its raw baseline.
+//! sequential read and its raw baseline. `S3CSI_BENCH_CPUS=split` gives the server one CPU
+//! and everything else the other.
 //!
 //! Every read workload runs on a fresh mount with a metrics endpoint: the table shows the bytes
 //! the daemon fetched from S3 per byte the workload read (its `s3_read_bytes` counter) and the
@@ -182,6 +183,31 @@ fn cpu_secs(pid: u32) -> f64 {
     let ticks: f64 = fields[11..13].iter().map(|f| f.parse::<f64>().expect("clock ticks")).sum();
     // SAFETY: sysconf only reads a configuration value.
     ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+}
+
+/// Gives the S3 server CPU 0 and this benchmark (with the mounts it starts, and the raw
+/// client) CPU 1, so the mount competes with the raw client, not with the server: the ratio
+/// then shows whether the mount keeps up with what the server can send.
+fn split_cpus(server: &S3Server) {
+    let pin = |cpu: &str, pid: u32| {
+        let out = std::process::Command::new("taskset")
+            .args(["-a", "-c", "-p", cpu, &pid.to_string()])
+            .output()
+            .expect("run taskset (util-linux)");
+        assert!(out.status.success(), "taskset -p {cpu} {pid}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    let server_pid = server.pid().expect("S3CSI_BENCH_CPUS=split needs the local server");
+    pin("0", server_pid);
+    pin("1", std::process::id());
+    println!("S3 server pinned to CPU 0; the benchmark, its mounts and the raw client to CPU 1");
+}
+
+/// Minor page faults process `pid` has taken so far (field 10 of its stat).
+fn minor_faults(pid: u32) -> u64 {
+    let stat =
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_else(|e| panic!("read /proc/{pid}/stat: {e}"));
+    let rest = stat.rsplit_once(')').map(|(_, rest)| rest).unwrap_or_default();
+    rest.split_whitespace().nth(7).and_then(|f| f.parse().ok()).expect("minflt in /proc/<pid>/stat")
 }
 
 /// CPU seconds used by the processes in `pids` (the S3 server, the mount, this benchmark)
@@ -486,6 +512,7 @@ fn table_line(name: &str, mount: &str, raw: &str, ratio: &str, fetched: &str, rs
 fn sequential_cold(server: &S3Server, bucket: &str, raw: f64, table: &mut Table) {
     let probe = Probe::new(server, bucket, None);
     let mut seen = None;
+    let faults_before = minor_faults(probe.pid);
     let pids = [server.pid(), Some(probe.pid), Some(std::process::id())];
     let cpu = cpu_per_gib(&pids.iter().flatten().copied().collect::<Vec<_>>(), BIG_BYTES, || {
         seen = Some(probe.observe(|| read_file(&probe.join("big"))));
@@ -493,7 +520,9 @@ fn sequential_cold(server: &S3Server, bucket: &str, raw: f64, table: &mut Table)
     let seen = seen.expect("observed");
     if let [server, mount, reader] = cpu[..] {
         println!(
-            "  sequential read: CPU seconds per GiB: S3 server {server:.2}, mount process {mount:.2}, reader {reader:.2}"
+            "  sequential read: CPU seconds per GiB: S3 server {server:.2}, mount process {mount:.2}, reader {reader:.2}; \
+             page faults in the mount process: {}",
+            minor_faults(probe.pid) - faults_before
         );
     }
     table.record(
@@ -669,11 +698,15 @@ fn read_run(server: &S3Server, bucket: &str, run: usize, only_sequential: bool, 
 
 fn bench_reads(server: &S3Server, runs: usize, only_sequential: bool) {
     let bucket = server.unique_bucket("bench");
-    println!(
-        "uploading {} MiB of test data and {SMALL_FILES} small objects to {} ...",
-        (BIG_BYTES + READERS as u64 * READER_OBJECT_BYTES) / MIB,
-        server.endpoint()
-    );
+    if only_sequential {
+        println!("uploading {} MiB of test data to {} ...", BIG_BYTES / MIB, server.endpoint());
+    } else {
+        println!(
+            "uploading {} MiB of test data and {SMALL_FILES} small objects to {} ...",
+            (BIG_BYTES + READERS as u64 * READER_OBJECT_BYTES) / MIB,
+            server.endpoint()
+        );
+    }
     server.put(&bucket, "big", &random_bytes(BIG_BYTES, 1));
     for i in 0..READERS {
         if only_sequential {
@@ -860,6 +893,9 @@ fn main() {
     let runs: usize = std::env::var("S3CSI_BENCH_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(3).max(1);
     let which = std::env::var("S3CSI_BENCH").unwrap_or_default();
     let server = S3Server::start();
+    if std::env::var("S3CSI_BENCH_CPUS").is_ok_and(|v| v == "split") {
+        split_cpus(&server);
+    }
     if which != "write" {
         bench_reads(&server, runs, which == "sequential");
     }
