@@ -173,16 +173,29 @@ fn vmhwm_mib(pid: u32) -> f64 {
     kib as f64 / 1024.0
 }
 
-/// CPU seconds (user + system) process `pid` has used so far.
-fn cpu_secs(pid: u32) -> f64 {
+/// The fields of `/proc/<pid>/stat` after the command name, from field 3 (state) on.
+fn proc_stat_fields(pid: u32) -> Vec<String> {
     let stat =
         std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_else(|e| panic!("read /proc/{pid}/stat: {e}"));
-    // After the command name in parentheses: state is field 3, utime 14 and stime 15.
-    let fields: Vec<&str> =
-        stat.rsplit_once(')').map(|(_, rest)| rest).unwrap_or_default().split_whitespace().collect();
-    let ticks: f64 = fields[11..13].iter().map(|f| f.parse::<f64>().expect("clock ticks")).sum();
+    let rest = stat.rsplit_once(')').map(|(_, rest)| rest).unwrap_or_default();
+    rest.split_whitespace().map(str::to_owned).collect()
+}
+
+/// CPU seconds (user + system) process `pid` has used so far.
+fn cpu_secs(pid: u32) -> f64 {
+    // utime and stime are fields 14 and 15.
+    let ticks: f64 = proc_stat_fields(pid)[11..13].iter().map(|f| f.parse::<f64>().expect("clock ticks")).sum();
     // SAFETY: sysconf only reads a configuration value.
     ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+}
+
+/// CPU seconds used by the processes in `pids` (the S3 server, the mount, this benchmark)
+/// while `work` runs, per GiB of `bytes`.
+fn cpu_per_gib(pids: &[u32], bytes: u64, work: impl FnOnce()) -> Vec<f64> {
+    let before: Vec<f64> = pids.iter().map(|&p| cpu_secs(p)).collect();
+    work();
+    let gib = bytes as f64 / (1u64 << 30) as f64;
+    pids.iter().zip(before).map(|(&p, b)| (cpu_secs(p) - b) / gib).collect()
 }
 
 /// Gives the S3 server CPU 0 and this benchmark (with the mounts it starts, and the raw
@@ -204,19 +217,7 @@ fn split_cpus(server: &S3Server) {
 
 /// Minor page faults process `pid` has taken so far (field 10 of its stat).
 fn minor_faults(pid: u32) -> u64 {
-    let stat =
-        std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_else(|e| panic!("read /proc/{pid}/stat: {e}"));
-    let rest = stat.rsplit_once(')').map(|(_, rest)| rest).unwrap_or_default();
-    rest.split_whitespace().nth(7).and_then(|f| f.parse().ok()).expect("minflt in /proc/<pid>/stat")
-}
-
-/// CPU seconds used by the processes in `pids` (the S3 server, the mount, this benchmark)
-/// while `work` runs, per GiB of `bytes`.
-fn cpu_per_gib(pids: &[u32], bytes: u64, work: impl FnOnce()) -> Vec<f64> {
-    let before: Vec<f64> = pids.iter().map(|&p| cpu_secs(p)).collect();
-    work();
-    let gib = bytes as f64 / (1u64 << 30) as f64;
-    pids.iter().zip(before).map(|(&p, b)| (cpu_secs(p) - b) / gib).collect()
+    proc_stat_fields(pid)[7].parse().expect("minflt in /proc/<pid>/stat")
 }
 
 /// Bytes fetched from S3 according to a metrics scrape: every series of `s3_read_bytes`.

@@ -179,6 +179,7 @@ impl<S: ObjectStore> Records<S> {
     /// everything under it. Call while holding [`Records::exclusive`].
     pub fn forget_dir(&self, dir_key: &str) {
         self.pending.lock().unwrap().retain(|k, _| !k.starts_with(dir_key));
+        self.failures.lock().unwrap().retain(|k, _| !k.starts_with(dir_key));
     }
 
     /// Moves queued changes of a directory renamed from `old` to `new` (and of everything under
@@ -201,6 +202,24 @@ impl<S: ObjectStore> Records<S> {
         self.store.delete_object(&Self::key(dir_key)).await
     }
 
+    /// Reads a directory's stored record, applies `changes` and writes it back (or deletes it
+    /// when it became empty).
+    async fn merge_into_stored(
+        &self,
+        dir_key: &str,
+        changes: &BTreeMap<String, Option<RecordEntry>>,
+    ) -> Result<(), S3Error> {
+        let mut record = self.fetch(dir_key).await?.unwrap_or_default();
+        apply(&mut record, changes.clone());
+        let key = Self::key(dir_key);
+        if record.entries.is_empty() {
+            self.store.delete_object(&key).await
+        } else {
+            let body = Bytes::from(serde_json::to_vec(&record).expect("a record always serializes"));
+            self.store.put_object(&key, body, &UserMetadata::new()).await.map(|_| ())
+        }
+    }
+
     /// Writes every queued change: per directory, read the stored record, merge, write it (or
     /// delete it when it became empty). A directory whose record cannot be read or written keeps
     /// its changes queued for the next flush (a record merged into an unread one would drop the
@@ -212,41 +231,31 @@ impl<S: ObjectStore> Records<S> {
         let pending = std::mem::take(&mut *self.pending.lock().unwrap());
         for (dir_key, changes) in pending {
             let key = Self::key(&dir_key);
-            let result = match self.fetch(&dir_key).await {
-                Ok(stored) => {
-                    let mut record = stored.unwrap_or_default();
-                    apply(&mut record, changes.clone());
-                    if record.entries.is_empty() {
-                        self.store.delete_object(&key).await
-                    } else {
-                        let body = Bytes::from(serde_json::to_vec(&record).expect("a record always serializes"));
-                        self.store.put_object(&key, body, &UserMetadata::new()).await.map(|_| ())
-                    }
-                }
-                Err(e) => Err(e),
+            let Err(e) = self.merge_into_stored(&dir_key, &changes).await else {
+                self.failures.lock().unwrap().remove(&dir_key);
+                continue;
             };
-            let mut failures = self.failures.lock().unwrap();
-            match result {
-                Ok(()) => {
+            let attempts = {
+                let mut failures = self.failures.lock().unwrap();
+                let attempts = failures.entry(dir_key.clone()).or_default();
+                *attempts += 1;
+                let attempts = *attempts;
+                if attempts >= MAX_FLUSH_ATTEMPTS {
                     failures.remove(&dir_key);
                 }
-                Err(e) => {
-                    let attempts = failures.entry(dir_key.clone()).or_default();
-                    *attempts += 1;
-                    if *attempts >= MAX_FLUSH_ATTEMPTS {
-                        failures.remove(&dir_key);
-                        tracing::warn!(key, error = %e, attempts = MAX_FLUSH_ATTEMPTS, "giving up on updating the \
-                            directory attribute record; listings there use HEADs until the next change");
-                        continue;
-                    }
-                    tracing::debug!(key, error = %e, "cannot update the directory attribute record; retrying");
-                    // Changes queued since this flush began are newer: they win.
-                    let mut pending = self.pending.lock().unwrap();
-                    let queued = pending.entry(dir_key).or_default();
-                    for (name, entry) in changes {
-                        queued.entry(name).or_insert(entry);
-                    }
-                }
+                attempts
+            };
+            if attempts >= MAX_FLUSH_ATTEMPTS {
+                tracing::warn!(key, error = %e, attempts, "giving up on updating the directory attribute record; \
+                    listings there use HEADs until the next change");
+                continue;
+            }
+            tracing::debug!(key, error = %e, "cannot update the directory attribute record; retrying");
+            // Changes queued since this flush began are newer: they win.
+            let mut pending = self.pending.lock().unwrap();
+            let queued = pending.entry(dir_key).or_default();
+            for (name, entry) in changes {
+                queued.entry(name).or_insert(entry);
             }
         }
     }
