@@ -13,11 +13,16 @@
 # cannot store the marker objects of empty directories). See the header of scripts/start-s3.sh.
 set -euo pipefail
 
+usage() { sed -n '2,13p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
 USE_MINIO=no
-if [ "${1:-}" = --minio ]; then
-    USE_MINIO=yes
-    shift
-fi
+case "${1:-}" in
+    -h | --help) usage; exit 0 ;;
+    --minio) USE_MINIO=yes; shift ;;
+esac
+case "${1:-}" in
+    -*) printf 'error: unknown option %s\n\n' "$1" >&2; usage >&2; exit 2 ;;
+esac
+[ $# -le 1 ] || { printf 'error: one mountpoint at most\n\n' >&2; usage >&2; exit 2; }
 MOUNTPOINT="${1:-/tmp/s3csi-demo}"
 ENDPOINT=http://127.0.0.1:9000
 REGION=us-east-1

@@ -21,6 +21,13 @@
 # sure the bucket exists (whichever server that is; stop it first to switch servers).
 set -euo pipefail
 
+usage() { sed -n '2,20p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
+case "${1:-}" in
+    "") ;;
+    -h | --help) usage; exit 0 ;;
+    *) printf 'error: no arguments are taken (got %s); settings come from the environment\n\n' "$1" >&2; usage >&2; exit 2 ;;
+esac
+
 HOST=127.0.0.1
 PORT=9000
 ACCESS_KEY=s3csi

@@ -290,3 +290,41 @@ fn directory_modes_survive_a_remount_and_a_listing() {
         assert_eq!(md.mode() & 0o7777, mode, "{name} after remount and listing");
     }
 }
+
+/// Files another client wrote have no s3csi metadata: their mtime is the object's
+/// Last-Modified, which the copy behind a rename renews. `mv` of such a file, and of a
+/// directory holding some, keeps each mtime, now and after a remount (rsync and make rely on
+/// it). An implied directory moved over an empty directory made here keeps what it showed.
+#[test]
+fn mv_keeps_the_times_of_files_written_by_other_clients() {
+    let server = server_for(Backend::Faithful);
+    let bucket = server.unique_bucket("mv-times");
+    for key in ["f", "d/g", "d/sub/h", "implied/x"] {
+        server.put(&bucket, key, b"from another client");
+    }
+    std::thread::sleep(Duration::from_millis(1100)); // Last-Modified has whole seconds
+    let mount = Mount::new(&server, &bucket, &[]);
+    let mtime = |rel: &str| std::fs::metadata(mount.join(rel)).unwrap().modified().unwrap();
+    let before = [mtime("f"), mtime("d/g"), mtime("d/sub/h")];
+    std::fs::create_dir(mount.join("target")).unwrap();
+    let implied = std::fs::metadata(mount.join("implied")).unwrap();
+    let ok = |c: &mut std::process::Command| assert!(c.status().unwrap().success(), "{c:?}");
+    ok(std::process::Command::new("mv").arg(mount.join("f")).arg(mount.join("f2")));
+    ok(std::process::Command::new("mv").arg(mount.join("d")).arg(mount.join("e")));
+    ok(std::process::Command::new("mv").arg("-T").arg(mount.join("implied")).arg(mount.join("target")));
+    let after = [mtime("f2"), mtime("e/g"), mtime("e/sub/h")];
+    assert_eq!(after, before, "mtimes after mv");
+    let target = std::fs::metadata(mount.join("target")).unwrap();
+    mount.unmount();
+    let mount = Mount::new(&server, &bucket, &[]);
+    let mtime = |rel: &str| std::fs::metadata(mount.join(rel)).unwrap().modified().unwrap();
+    assert_eq!([mtime("f2"), mtime("e/g"), mtime("e/sub/h")], before, "mtimes after mv and a remount");
+    let remounted = std::fs::metadata(mount.join("target")).unwrap();
+    assert_eq!(
+        (remounted.mode(), remounted.modified().unwrap()),
+        (target.mode(), target.modified().unwrap()),
+        "the moved implied directory after a remount"
+    );
+    assert_eq!(remounted.mode() & 0o7777, implied.mode() & 0o7777, "the source directory's mode");
+    assert_eq!(read(&mount.join("target/x")), b"from another client");
+}

@@ -69,11 +69,20 @@ impl FsError {
         }
     }
 
-    /// Expected misses are logged quietly; everything else at `warn`.
+    /// Answers programs meet in normal work (a probe for a missing file, `mkdir -p` of an
+    /// existing one, `rmdir` of a full one, `ln` falling back to a copy) are logged quietly;
+    /// everything else at `warn`.
     pub fn is_expected(&self) -> bool {
         matches!(
             self,
-            FsError::NotFound | FsError::ReadOnly | FsError::NotDir | FsError::IsDir | FsError::NotPermitted(_)
+            FsError::NotFound
+                | FsError::ReadOnly
+                | FsError::NotDir
+                | FsError::IsDir
+                | FsError::NotPermitted(_)
+                | FsError::NotSupported(_)
+                | FsError::Exists
+                | FsError::NotEmpty
         )
     }
 }

@@ -1106,6 +1106,52 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn renames_keep_the_mtime_of_objects_written_elsewhere() {
+        // Objects another client wrote carry no s3csi metadata: their mtime is Last-Modified,
+        // which a copy renews. A rename pins it, for files and for files under a directory.
+        let store = Arc::new(FakeStore::new("b"));
+        store.put_with_metadata("keep.txt", b"k".to_vec(), [("note".to_owned(), "x".to_owned())].into());
+        for k in ["f", "d/g", "d/sub/h", "src/x"] {
+            store.put(k, b"x".to_vec());
+        }
+        let times: Vec<_> =
+            ["f", "d/g", "d/sub/h", "keep.txt"].iter().map(|k| store.last_modified(k).unwrap()).collect();
+        std::thread::sleep(Duration::from_millis(20));
+        let fs = fs_with(Arc::clone(&store), "", Duration::ZERO);
+        fs.rename(ROOT_INO, "f", ROOT_INO, "f2", 0).await.unwrap();
+        fs.rename(ROOT_INO, "keep.txt", ROOT_INO, "kept.txt", 0).await.unwrap();
+        fs.rename(ROOT_INO, "d", ROOT_INO, "e", 0).await.unwrap();
+        let again = fs_with(Arc::clone(&store), "", Duration::ZERO);
+        let e = again.lookup(ROOT_INO, "e").await.unwrap();
+        let sub = again.lookup(e.ino, "sub").await.unwrap();
+        let shown = [
+            again.lookup(ROOT_INO, "f2").await.unwrap().mtime,
+            again.lookup(e.ino, "g").await.unwrap().mtime,
+            again.lookup(sub.ino, "h").await.unwrap().mtime,
+            again.lookup(ROOT_INO, "kept.txt").await.unwrap().mtime,
+        ];
+        assert_eq!(shown.to_vec(), times, "each file shows the time it had before the rename");
+        assert_eq!(
+            store.metadata("kept.txt").unwrap().get("note").map(String::as_str),
+            Some("x"),
+            "other metadata kept"
+        );
+        // Listings agree with lookups.
+        let listed = again.lookup(ROOT_INO, "f2").await.unwrap();
+        names(&again, ROOT_INO).await;
+        assert_eq!(again.lookup(ROOT_INO, "f2").await.unwrap().mtime, listed.mtime);
+
+        // An implied directory renamed over an empty directory made here: the marker that went
+        // with the target is replaced, so the renamed directory keeps what it shows.
+        let t = fs.mkdir(ROOT, ROOT_INO, "t", 0o700).await.unwrap();
+        let src = fs.lookup(ROOT_INO, "src").await.unwrap();
+        fs.rename(ROOT_INO, "src", ROOT_INO, "t", 0).await.unwrap();
+        assert!(store.data("t/").is_some(), "the renamed directory has a marker: {:?}", store.keys());
+        let moved = fs_with(Arc::clone(&store), "", Duration::ZERO).lookup(ROOT_INO, "t").await.unwrap();
+        assert_eq!((moved.perm, moved.mtime), (src.perm, src.mtime), "the source's attributes, not {t:?}");
+    }
+
+    #[tokio::test]
     async fn a_record_never_outvotes_a_later_attribute_change() {
         // Two mounts chmod one file; their record updates land in the wrong order. A copy keeps
         // the ETag (as S3 does) but not Last-Modified, so the listing sees the record is old.

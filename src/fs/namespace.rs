@@ -15,7 +15,7 @@ use super::prefetch::Access;
 use super::records::{self, DirRecord, dir_entry_name};
 use super::write::{self, Held, OpenState};
 use super::{Attr, Caller, DirEntry, FsError, KEY_MAX, NAME_MAX, RENAME_CONCURRENCY, S_ISGID, S3Fs};
-use crate::s3::{ObjectId, ObjectMeta, ObjectStore, S3Error};
+use crate::s3::{ObjectId, ObjectMeta, ObjectStore, S3Error, UserMetadata};
 
 /// Name of the marker object the CSI controller writes at the root of each volume it creates
 /// (see `csi::volume`). It is hidden from every listing and cannot be looked up or created.
@@ -365,8 +365,7 @@ impl<S: ObjectStore> S3Fs<S> {
         let key = self.inodes.key(dir);
         let page = self.store.list_page(&key, None, None, Some(1)).await?;
         if page.objects.first().is_none_or(|o| o.key != key) {
-            let attrs = dir.stat().attrs;
-            self.store.put_object(&key, Bytes::new(), &attrs.encode()).await?;
+            self.store.put_object(&key, Bytes::new(), &pinned(&dir.stat())).await?;
             tracing::debug!(key, "wrote a marker for a directory that had none, so it outlives its last entry");
         }
         dir.stat.lock().unwrap().marker = true;
@@ -581,6 +580,13 @@ impl<S: ObjectStore> S3Fs<S> {
             let moved = {
                 let _no_flush = self.records.exclusive().await;
                 let moved = self.rename_dir(&old_prefix, &new_prefix).await?;
+                if self.markers.load(Ordering::Relaxed) && !moved.contains_key(&old_prefix) {
+                    // An implied directory moved: it had no marker to copy, and its new name
+                    // (maybe an emptied directory whose marker just went) needs one to keep
+                    // what it shows now, as `keep_dir` gives one to a directory left behind.
+                    self.store.put_object(&new_prefix, Bytes::new(), &pinned(&src.stat())).await?;
+                    src.stat.lock().unwrap().marker = true;
+                }
                 // Attribute changes not yet written follow the directory (a listing of the new
                 // one must not show defaults for them).
                 self.records.move_dir(&old_prefix, &new_prefix);
@@ -603,9 +609,11 @@ impl<S: ObjectStore> S3Fs<S> {
                 }
             }
             let meta = self.head(src).await?;
-            let copied = self.copy_any(&ObjectId::from_meta(&meta), meta.size, new_key_base, None).await?;
+            let metadata = unpinned_mtime(&meta);
+            let copied = self.copy_any(&ObjectId::from_meta(&meta), meta.size, new_key_base, metadata.as_ref()).await?;
             self.store.delete_object(&meta.key).await?;
-            let attrs = stat_from_meta(&meta).attrs;
+            let mut attrs = stat_from_meta(&meta).attrs;
+            attrs.mtime = attrs.mtime.or(metadata.is_some().then_some(meta.last_modified));
             self.note_entry(parent, name, src.kind, None);
             let entry = Self::file_entry(&copied.etag, meta.size, &attrs, copied.last_modified);
             self.note_entry(newparent, newname, src.kind, entry);
@@ -650,7 +658,10 @@ impl<S: ObjectStore> S3Fs<S> {
             let dest = format!("{new}{}", &meta.key[old.len()..]);
             copies.push(async move {
                 let _permit = gate.acquire().await.expect("never closed");
-                let copied = this.copy_any(&ObjectId::from_meta(meta), meta.size, &dest, None).await?;
+                // A listing carries no metadata: HEAD tells whether the mtime is pinned.
+                let meta = this.store.head_object(&meta.key).await?;
+                let metadata = unpinned_mtime(&meta);
+                let copied = this.copy_any(&ObjectId::from_meta(&meta), meta.size, &dest, metadata.as_ref()).await?;
                 let id = if copied.etag.is_empty() {
                     ObjectId::from_meta(&this.store.head_object(&dest).await?)
                 } else {
@@ -843,4 +854,25 @@ impl<S: ObjectStore> S3Fs<S> {
     pub fn releasedir(&self, fh: u64) {
         self.dirs.lock().unwrap().remove(&fh);
     }
+}
+
+/// Metadata for a marker written for a directory that had none: what it shows now, its
+/// mtime included (a new marker's Last-Modified would otherwise replace it).
+fn pinned(stat: &Stat) -> UserMetadata {
+    let mut attrs = stat.attrs.clone();
+    attrs.mtime = Some(stat.mtime);
+    attrs.encode()
+}
+
+/// For a copy that renames `meta`'s object: `None` when its metadata pins the mtime (the
+/// copy keeps it as it is), else that metadata with the mtime pinned to the source's
+/// Last-Modified, which objects written by other clients show and the copy would change.
+fn unpinned_mtime(meta: &ObjectMeta) -> Option<UserMetadata> {
+    let stored = meta.user_metadata.as_ref().map(StoredAttrs::decode).unwrap_or_default();
+    if stored.mtime.is_some() {
+        return None;
+    }
+    let mut attrs = stored;
+    attrs.mtime = Some(meta.last_modified);
+    Some(attrs.encode())
 }

@@ -148,6 +148,10 @@ impl FakeStore {
         Ok(obj)
     }
 
+    pub fn last_modified(&self, key: &str) -> Option<SystemTime> {
+        self.objects.lock().unwrap().get(key).map(|o| o.last_modified)
+    }
+
     pub fn delete(&self, key: &str) {
         self.objects.lock().unwrap().remove(key);
     }
