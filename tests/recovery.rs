@@ -24,7 +24,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::File;
 use std::io::Write;
 use std::os::fd::IntoRawFd;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -696,6 +696,10 @@ fn run_workload(spec: &WorkloadSpec) -> std::io::Result<()> {
     std::fs::write("keep.txt", &keep_data)?;
     let keep = File::open("keep.txt")?;
     let dir = DirStream::open(".")?;
+    // The working directory's owner and mode: a successor must show them (not a placeholder
+    // that a group-writable volume root would hide), through the path and the descriptor.
+    let owned = |md: std::fs::Metadata| (md.uid(), md.gid(), md.mode());
+    let cwd_attrs = owned(std::fs::metadata(".")?);
     let deadline = Instant::now() + Duration::from_secs(spec.max_secs);
     let mut i = 0u64;
     while !spec.stop.exists() && Instant::now() < deadline {
@@ -734,7 +738,14 @@ fn run_workload(spec: &WorkloadSpec) -> std::io::Result<()> {
                 Err(std::io::Error::other("directory stream misses keep.txt"))
             }
         });
-        rec.op("stat-cwd", "", || std::fs::metadata(".").map(|_| ()));
+        rec.op("stat-cwd", "", || {
+            let now = owned(std::fs::metadata(".")?);
+            if now == cwd_attrs {
+                Ok(())
+            } else {
+                Err(std::io::Error::other(format!("cwd {now:?}, was {cwd_attrs:?}")))
+            }
+        });
         i += 1;
         std::thread::sleep(Duration::from_millis(20));
     }

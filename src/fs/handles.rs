@@ -266,7 +266,7 @@ impl<S: ObjectStore> S3Fs<S> {
         flags: i32,
     ) -> Result<(Attr, u64), FsError> {
         self.check_writable()?;
-        let dir = self.dir_inode(parent)?;
+        let dir = self.settled_dir(parent).await?;
         self.check_new_name(&dir, name)?;
         if flags & libc::O_EXCL != 0 && self.resolve(&dir, name, false).await.is_ok() {
             return Err(FsError::Exists);

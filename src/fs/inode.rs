@@ -39,6 +39,9 @@ pub struct Stat {
     pub from_head: bool,
     /// A directory known to have its marker object (false: absent or not known).
     pub marker: bool,
+    /// A placeholder for an inode a previous process served (see [`InodeTable::restore`]):
+    /// nothing about it is known until S3 is asked.
+    pub unknown: bool,
 }
 
 impl Stat {
@@ -51,6 +54,7 @@ impl Stat {
             attrs: StoredAttrs::default(),
             from_head: false,
             marker: false,
+            unknown: false,
         }
     }
 }
@@ -195,6 +199,7 @@ impl InodeTable {
                     }
                     let mut stat = Stat::new(0, SystemTime::UNIX_EPOCH);
                     stat.validated_at = long_ago;
+                    stat.unknown = true;
                     let inode = Arc::new(Inode {
                         ino,
                         kind: code_kind(kind),

@@ -520,6 +520,40 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_successor_shows_the_directories_the_kernel_kept_with_their_own_attributes() {
+        // A pod's working directory (or an open directory descriptor) is an inode the kernel
+        // keeps across the crash; the successor must not show or build on its placeholder.
+        let store = Arc::new(FakeStore::new("b"));
+        let dir = tempfile::tempdir().unwrap();
+        let pod = Caller { uid: 1000, gid: 3000 };
+        let first = successor(&store, dir.path(), false).await;
+        let u = first.mkdir(Caller::ROOT, ROOT_INO, "u", 0o755).await.unwrap();
+        first
+            .setattr(Caller::ROOT, u.ino, None, SetAttr { uid: Some(1000), gid: Some(3000), ..Default::default() })
+            .await
+            .unwrap();
+        let s = first.mkdir(pod, u.ino, "shared", 0o2770).await.unwrap();
+        let u = first.getattr(u.ino).await.unwrap();
+        let s = first.getattr(s.ino).await.unwrap();
+        drop(first);
+
+        let second = successor(&store, dir.path(), true).await;
+        let seen = second.getattr(u.ino).await.unwrap();
+        assert_eq!((seen.uid, seen.gid, seen.perm, seen.mtime), (1000, 3000, 0o755, u.mtime), "cwd after the crash");
+        // Creating in a kept directory (no lookup since the crash) takes its set-group-ID.
+        let (f, fh) = second.create(pod, s.ino, "f", 0o644, libc::O_WRONLY).await.unwrap();
+        second.release(fh).await.unwrap();
+        assert_eq!((f.uid, f.gid), (1000, 3000));
+        let shared = second.getattr(s.ino).await.unwrap();
+        assert_eq!((shared.perm, shared.uid), (s.perm, 1000));
+        // A chmod straight on a kept directory builds on its real attributes.
+        let third = successor(&store, dir.path(), true).await;
+        third.setattr(pod, u.ino, None, SetAttr { mode: Some(0o700), ..Default::default() }).await.unwrap();
+        let after = successor(&store, dir.path(), true).await.getattr(u.ino).await.unwrap();
+        assert_eq!((after.uid, after.gid, after.perm, after.mtime), (1000, 3000, 0o700, u.mtime));
+    }
+
+    #[tokio::test]
     async fn a_hand_over_commits_writers_and_the_successor_keeps_writing() {
         let store = Arc::new(FakeStore::new("b"));
         let dir = tempfile::tempdir().unwrap();

@@ -183,6 +183,7 @@ impl<S: ObjectStore> S3Fs<S> {
         let inode = self.inode(ino)?;
         // A file unlinked or replaced here but still open keeps its last attributes, as on a
         // local filesystem (the kernel asks before reads near the end of a file).
+        self.settle(&inode).await?;
         let stale = !self.fresh(&inode.stat()) && self.inodes.is_linked(&inode);
         if inode.kind != Kind::Dir && inode.open_state().is_none() && stale {
             match self.store.head_object(&self.inodes.key(&inode)).await {
@@ -195,6 +196,26 @@ impl<S: ObjectStore> S3Fs<S> {
             }
         }
         Ok(self.attr(&inode))
+    }
+
+    /// Learns the attributes of an inode an earlier process served (a working directory, an
+    /// open descriptor, a parent the kernel holds) from S3, as a lookup would, before anything
+    /// shows or builds on its placeholder (owner root, mode defaults, mtime 0).
+    pub(super) async fn settle(&self, inode: &Arc<Inode>) -> Result<(), FsError> {
+        if !inode.stat.lock().unwrap().unknown || inode.ino == super::inode::ROOT_INO || !self.inodes.is_linked(inode) {
+            return Ok(());
+        }
+        let parent = self.dir_inode(inode.parent())?;
+        Box::pin(self.settle(&parent)).await?;
+        self.resolve(&parent, &inode.name(), false).await?;
+        Ok(())
+    }
+
+    /// A directory by inode number, its attributes known (see [`S3Fs::settle`]).
+    pub(super) async fn settled_dir(&self, ino: u64) -> Result<Arc<Inode>, FsError> {
+        let dir = self.dir_inode(ino)?;
+        self.settle(&dir).await?;
+        Ok(dir)
     }
 
     /// HEADs the object behind `inode`, refreshing its stat.
@@ -261,7 +282,7 @@ impl<S: ObjectStore> S3Fs<S> {
 
     pub async fn mkdir(&self, caller: Caller, parent: u64, name: &str, mode: u16) -> Result<Attr, FsError> {
         self.check_writable()?;
-        let dir = self.dir_inode(parent)?;
+        let dir = self.settled_dir(parent).await?;
         let key = self.check_new_name(&dir, name)?;
         if self.resolve(&dir, name, false).await.is_ok() {
             return Err(FsError::Exists);
@@ -285,7 +306,7 @@ impl<S: ObjectStore> S3Fs<S> {
 
     pub async fn symlink(&self, caller: Caller, parent: u64, name: &str, target: &str) -> Result<Attr, FsError> {
         self.check_writable()?;
-        let dir = self.dir_inode(parent)?;
+        let dir = self.settled_dir(parent).await?;
         let key = self.check_new_name(&dir, name)?;
         if self.resolve(&dir, name, false).await.is_ok() {
             return Err(FsError::Exists);
@@ -324,7 +345,7 @@ impl<S: ObjectStore> S3Fs<S> {
 
     pub async fn unlink(&self, parent: u64, name: &str) -> Result<(), FsError> {
         self.check_writable()?;
-        let dir = self.dir_inode(parent)?;
+        let dir = self.settled_dir(parent).await?;
         let inode = self.resolve(&dir, name, false).await?;
         if inode.kind == Kind::Dir {
             return Err(FsError::IsDir);
@@ -386,7 +407,7 @@ impl<S: ObjectStore> S3Fs<S> {
 
     pub async fn rmdir(&self, parent: u64, name: &str) -> Result<(), FsError> {
         self.check_writable()?;
-        let dir = self.dir_inode(parent)?;
+        let dir = self.settled_dir(parent).await?;
         let inode = self.resolve(&dir, name, false).await?;
         if inode.kind != Kind::Dir {
             return Err(FsError::NotDir);
@@ -482,8 +503,8 @@ impl<S: ObjectStore> S3Fs<S> {
         if flags & libc::RENAME_EXCHANGE != 0 {
             return Err(FsError::NotSupported("RENAME_EXCHANGE"));
         }
-        let dir = self.dir_inode(parent)?;
-        let newdir = self.dir_inode(newparent)?;
+        let dir = self.settled_dir(parent).await?;
+        let newdir = self.settled_dir(newparent).await?;
         let new_key_base = self.check_new_name(&newdir, newname)?;
         let src = self.resolve(&dir, name, false).await?;
         let target = match self.resolve(&newdir, newname, false).await {

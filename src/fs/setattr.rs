@@ -15,6 +15,7 @@ impl<S: ObjectStore> S3Fs<S> {
     pub async fn setattr(&self, caller: Caller, ino: u64, fh: Option<u64>, changes: SetAttr) -> Result<Attr, FsError> {
         self.check_writable()?;
         let inode = self.inode(ino)?;
+        self.settle(&inode).await?;
         self.check_attr_change(caller, &inode, &changes)?;
         if let Some(size) = changes.size {
             if inode.kind == Kind::Dir {
