@@ -68,6 +68,10 @@ struct KeeperArgs {
     /// handed its volumes over to a newer one stays idle when restarted.
     #[arg(long, value_name = "ID", env = "POD_UID")]
     keeper_id: Option<String>,
+    /// Create this file once the keeper serves its socket, i.e. after it took every volume
+    /// over from an older keeper (for a readiness probe).
+    #[arg(long, value_name = "PATH")]
+    ready_file: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -357,6 +361,7 @@ fn run_keeper(args: KeeperArgs) -> anyhow::Result<()> {
         config.socket = socket;
     }
     config.keeper_id = args.keeper_id.filter(|id| !id.trim().is_empty());
+    config.ready_file = args.ready_file;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()

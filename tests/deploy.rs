@@ -184,6 +184,10 @@ fn the_base_has_the_driver_objects_with_the_fields_it_needs() {
     assert_binary_accepts(&kargs);
     assert_eq!(keeper["securityContext"]["privileged"].as_bool(), Some(true));
     assert!(keeper["livenessProbe"].is_badvalue(), "no liveness probe on the keeper");
+    // Ready only once it serves (after taking every volume over), so the update waits for it.
+    let ready_file = kargs.iter().find_map(|a| a.strip_prefix("--ready-file=")).expect("keeper --ready-file");
+    let probe = strings(&keeper["readinessProbe"]["exec"]["command"]);
+    assert_eq!(probe, ["test", "-e", ready_file], "the readiness probe checks the keeper's ready file");
     let kkubelet = mount_path(keeper, "kubelet-dir");
     assert_eq!(s(&kkubelet["mountPath"]), "/var/lib/kubelet");
     assert_eq!(s(&kkubelet["mountPropagation"]), "Bidirectional");

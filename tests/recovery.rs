@@ -323,7 +323,9 @@ impl Node {
     fn start_keeper(&mut self) -> &Container {
         let n = self.keepers.len() + 1;
         let log = self.root.join(format!("keeper-{n}.log"));
-        let keeper = Container::start(&format!("keeper-{n}"), &keeper_command(&self.state_dir), log);
+        let mut cmd = keeper_command(&self.state_dir);
+        cmd.arg(format!("--ready-file={}", self.ready_file(n).display()));
+        let keeper = Container::start(&format!("keeper-{n}"), &cmd, log);
         // A later keeper takes over from the one answering now; the tests wait for that.
         let socket = self.state_dir.join("keeper.sock");
         let mut keeper = keeper;
@@ -336,6 +338,11 @@ impl Node {
         assert!(ready && running, "keeper-{n} does not answer on {}:\n{}", socket.display(), keeper.log());
         self.keepers.push(keeper);
         self.keepers.last().expect("just pushed")
+    }
+
+    /// The `n`th keeper's `--ready-file` (what the DaemonSet's readiness probe checks).
+    fn ready_file(&self, n: usize) -> PathBuf {
+        self.root.join(format!("keeper-{n}.ready"))
     }
 
     /// Host pids of the running keepers (the parents of the mount processes).
@@ -1183,6 +1190,18 @@ fn a_keeper_upgrade_hands_every_volume_over_without_errors() {
 
     let old_keeper = node.keepers[0].init().expect("old keeper runs");
     let new_keeper = node.start_keeper().init().expect("keeper runs");
+    // Ready (so Kubernetes would delete the old pod) only once every volume is the new keeper's.
+    let ready = node.ready_file(2);
+    assert!(wait_until(Duration::from_secs(60), || ready.exists()), "the new keeper never gets ready\n{}", node.logs());
+    for s in [&staging_a, &staging_b] {
+        assert!(
+            mount_processes(&[old_keeper], s).is_empty() && mount_processes(&[new_keeper], s).len() == 1,
+            "ready while the old keeper still runs {}\n{}",
+            s.display(),
+            node.logs()
+        );
+    }
+    assert!(node.ready_file(1).exists(), "the first keeper was ready too");
     let handed_over = wait_until(Duration::from_secs(60), || {
         [&staging_a, &staging_b]
             .iter()

@@ -468,6 +468,24 @@ impl<S: ObjectStore> Filesystem for FuseAdapter<S> {
         });
     }
 
+    /// No ioctl applies to these files: `ENOTTY`, as a regular file on a local disk answers the
+    /// terminal checks (`TCGETS`) that Python and others make on every open.
+    #[allow(clippy::too_many_arguments)]
+    fn ioctl(
+        &mut self,
+        _req: &Request<'_>,
+        _ino: u64,
+        _fh: u64,
+        _flags: u32,
+        cmd: u32,
+        _in_data: &[u8],
+        _out_size: u32,
+        reply: fuser::ReplyIoctl,
+    ) {
+        tracing::debug!(cmd, "ioctl not supported");
+        reply.error(libc::ENOTTY);
+    }
+
     fn link(&mut self, _req: &Request<'_>, _ino: u64, _newparent: u64, _newname: &OsStr, reply: ReplyEntry) {
         reply.error(errno("link", &self.fs.refuse("hard links")));
     }

@@ -52,6 +52,9 @@ pub struct KeeperConfig {
     pub keeper_id: Option<String>,
     /// How long a mount process gets to report ready.
     pub ready_timeout: Duration,
+    /// Created once this keeper serves the socket (after taking every volume over from an
+    /// older keeper); a readiness probe checks it, so an update deletes the older pod only then.
+    pub ready_file: Option<PathBuf>,
 }
 
 impl KeeperConfig {
@@ -65,6 +68,7 @@ impl KeeperConfig {
             fuse_device: PathBuf::from("/dev/fuse"),
             keeper_id: None,
             ready_timeout: crate::mount::supervisor::DEFAULT_READY_TIMEOUT,
+            ready_file: None,
         }
     }
 }
@@ -163,6 +167,11 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     use anyhow::Context;
     let metrics_socket = config.state_dir.join("volumes").join(METRICS_SOCKET);
+    let ready_file = config.ready_file.clone();
+    if let Some(path) = &ready_file {
+        // A file left by an earlier run of this container must not vouch for this one.
+        let _ = std::fs::remove_file(path);
+    }
     let keeper = tokio::task::spawn_blocking(move || Keeper::start(config, table))
         .await
         .context("the keeper's start-up task failed")??;
@@ -178,6 +187,10 @@ pub async fn run(
         let addr = crate::metrics::MetricsAddress::Unix(metrics_socket.clone());
         if let Err(e) = crate::metrics::serve(&addr, None).await {
             tracing::warn!(socket = %metrics_socket.display(), error = %e, "cannot serve the keeper's metrics; continuing without");
+        }
+        if let Some(path) = &ready_file {
+            std::fs::write(path, format!("{}\n", std::process::id()))
+                .with_context(|| format!("cannot write the ready file {}", path.display()))?;
         }
     }
     shutdown.await;
