@@ -304,18 +304,14 @@ pub fn run_foreground(config: MountConfig, notify_ready: bool) -> anyhow::Result
     // A successor first settles what its predecessor left: uploads it never finished are
     // aborted, and files it handed over open for writing are opened again, before any request
     // for them is read.
-    if let Some((_, found)) = recovery {
+    // Logged once the log goes to its file (after the ready line), so it stays in the volume's log.
+    let mut taken_over = None;
+    let mut recovery_dir = None;
+    if let Some((dir, found)) = recovery {
         let (generation, inodes) = (found.generation, found.inodes);
         let (aborted, reopened) = rt.block_on(records_owner.finish_recovery(found));
-        if config.takeover {
-            tracing::info!(
-                generation,
-                inodes,
-                aborted_uploads = aborted,
-                reopened_files = reopened,
-                "taking over the mounted connection"
-            );
-        }
+        taken_over = Some((generation, inodes, aborted, reopened));
+        recovery_dir = Some(dir);
     }
     if !config.takeover {
         tracing::info!(bucket = %config.bucket, prefix = %config.fs.prefix, mountpoint = %mountpoint.display(), "mounted");
@@ -339,7 +335,20 @@ pub fn run_foreground(config: MountConfig, notify_ready: bool) -> anyhow::Result
         session_thread.as_pthread_t()
     };
     if let (Some(rest), Served::Descriptor(conn)) = (resume.take(), &served) {
-        match rest.complete(conn).context("cannot resume the FUSE connection")? {
+        let resent = rest.complete(conn).context("cannot resume the FUSE connection")?;
+        if notify_ready {
+            announce_ready(config.log_file.as_deref());
+        }
+        if let Some((generation, inodes, aborted, reopened)) = taken_over {
+            tracing::info!(
+                generation,
+                inodes,
+                aborted_uploads = aborted,
+                reopened_files = reopened,
+                "took the mounted connection over"
+            );
+        }
+        match resent {
             Resent::Yes => {}
             Resent::Unsupported => tracing::warn!(
                 "this kernel cannot re-send FUSE requests (FUSE_NOTIFY_RESEND needs Linux 6.9): system calls \
@@ -347,9 +356,12 @@ pub fn run_foreground(config: MountConfig, notify_ready: bool) -> anyhow::Result
             ),
         }
         tracing::info!(mountpoint = %mountpoint.display(), "serving the mount again");
-        if notify_ready {
-            announce_ready(config.log_file.as_deref());
-        }
+    }
+
+    if let Some(dir) = &recovery_dir
+        && let Err(e) = dir.write_pid(std::process::id())
+    {
+        tracing::warn!(path = %dir.root().display(), error = %e, "cannot record this process's pid in the recovery directory");
     }
 
     let (done_tx, mut done_rx) = tokio::sync::oneshot::channel::<()>();

@@ -19,6 +19,9 @@ use s3csi::mount::runner::MountRunner;
 /// Every mountpoint counts as mounted while it holds this file.
 const FAKE_MOUNT: &str = ".fake-mount";
 
+/// While a mountpoint holds this file, its stub mount processes wait before reporting ready.
+const SLOW_START: &str = ".slow-start";
+
 struct FakeTable;
 
 impl MountTable for FakeTable {
@@ -44,6 +47,7 @@ fn setup() -> Setup {
     let exe = dir.path().join("s3csi-stub");
     let body = format!(
         "#!/bin/sh\ntouch \"$3/{FAKE_MOUNT}\"\necho \"$$ $(stat -L -c %i /proc/$$/fd/3) $*\" >> {}\n\
+         while [ -e \"$3/{SLOW_START}\" ]; do sleep 0.05; done\n\
          echo {READY_LINE}\nsleep 600 &\ntrap 'kill $! 2>/dev/null; exit 0' USR2 TERM\nwait $!\n",
         log.display()
     );
@@ -167,6 +171,27 @@ fn a_crashed_mount_process_gets_a_successor_on_the_same_descriptor_at_once() {
 }
 
 #[test]
+fn a_successor_that_dies_before_it_serves_counts_as_a_restart() {
+    let s = setup();
+    let _keeper = s.keeper(None);
+    let client = s.client();
+    let spec = s.spec("a");
+    let pid = client.start(&spec).unwrap();
+    std::fs::write(spec.mountpoint.join(SLOW_START), b"").unwrap();
+    kill(pid, libc::SIGKILL);
+    eventually("a successor starts", || s.processes().len() == 2);
+    let starting = s.processes()[1].0;
+    assert_eq!(client.list().unwrap()[0].state, VolumeState::Restarting);
+    kill(starting, libc::SIGKILL);
+    std::fs::remove_file(spec.mountpoint.join(SLOW_START)).unwrap();
+    eventually("the next successor serves", || {
+        client.list().unwrap()[0].pid.is_some_and(|p| p != pid && p != starting)
+    });
+    let v = &client.list().unwrap()[0];
+    assert_eq!((v.restarts, v.state), (2, VolumeState::Running), "both successors count: {v:?}");
+}
+
+#[test]
 fn stop_ends_the_process_and_removes_the_recovery_dir() {
     let s = setup();
     let _keeper = s.keeper(None);
@@ -266,4 +291,22 @@ fn a_newer_keeper_lost_after_the_exit_makes_the_old_keeper_start_a_successor() {
     assert_eq!(old.list()[0].pid, Some(succ));
     assert_eq!(ino, s.device_ino());
     assert_eq!(args.last().map(String::as_str), Some("--takeover"));
+}
+
+#[test]
+fn the_exit_report_carries_the_counts_as_they_ended() {
+    let s = setup();
+    let old = s.keeper(None);
+    let client = s.client();
+    let pid = client.start(&s.spec("h")).unwrap();
+    let mut conn = Conn::new(UnixStream::connect(s.config(None).socket).unwrap());
+    conn.send(&Request::HandOver { keeper_id: None }, None).unwrap();
+    let Some(Response::Offer { spec, restarts: 0, .. }) = conn.recv::<Response>().unwrap() else { panic!("an offer") };
+    drop(conn.take_fd());
+    // The volume's process crashes after the offer: the old keeper restarts it meanwhile.
+    kill(pid, libc::SIGKILL);
+    eventually("a successor serves", || old.list()[0].pid.is_some_and(|p| p != pid));
+    conn.send(&Request::Accept { volume: spec.volume }, None).unwrap();
+    let Some(Response::Exited { counts, .. }) = conn.recv::<Response>().unwrap() else { panic!("then the exit") };
+    assert_eq!(counts.map(|c| (c.restarts, c.takeovers)), Some((1, 0)), "the restart after the offer is counted");
 }

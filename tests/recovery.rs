@@ -88,6 +88,13 @@ fn signal(pid: u32, sig: libc::c_int) {
 }
 
 /// Direct children of `pid` (zombies included).
+/// `pid` as the innermost PID namespace it lives in sees it.
+fn innermost_pid(pid: u32) -> u32 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("process status");
+    let line = status.lines().find(|l| l.starts_with("NSpid:")).expect("NSpid line");
+    line.split_whitespace().last().and_then(|p| p.parse().ok()).expect("a pid")
+}
+
 fn children_of(pid: u32) -> Vec<u32> {
     let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return Vec::new() };
     tasks
@@ -379,6 +386,22 @@ impl Node {
             "the node server's container is gone: {pids:?}"
         );
         self.driver = Some(self.start_driver(server, dir));
+    }
+
+    /// The one staged volume's `<recovery dir>/pid` and its mount log.
+    fn volume_files(&self) -> (Option<u32>, String) {
+        let volumes = self.state_dir.join("volumes");
+        let mut pid = None;
+        let mut log = String::new();
+        for entry in std::fs::read_dir(&volumes).expect("volumes dir").flatten() {
+            let path = entry.path();
+            if path.extension().is_some_and(|e| e == "recovery") {
+                pid = std::fs::read_to_string(path.join("pid")).ok().and_then(|p| p.trim().parse().ok());
+            } else if path.extension().is_some_and(|e| e == "log") {
+                log += &std::fs::read_to_string(&path).unwrap_or_default();
+            }
+        }
+        (pid, log)
     }
 
     fn logs(&self) -> String {
@@ -1136,6 +1159,13 @@ fn a_killed_mount_process_is_replaced_and_the_pod_sees_no_enotconn() {
     assert_workload_in_s3(&server, &pv.handle, "wl", 11, &report, &failed);
     assert_no_uploads(&server, &pv.handle);
     assert!(node.metric("s3csi_mount_restarts_total", &pv) >= 1.0, "the restart is counted");
+    let (recorded, log) = node.volume_files();
+    assert_eq!(
+        recorded,
+        Some(innermost_pid(new)),
+        "the recovery directory names the successor (as its keeper sees it)"
+    );
+    assert!(log.contains("took the mounted connection over"), "the takeover is in the volume's log:\n{log}");
     drop(view);
     node.unmount(&pv, &staging, &target);
 }

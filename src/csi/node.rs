@@ -244,12 +244,19 @@ impl NodeService {
     fn report_recovered(&self) {
         for v in self.state.all() {
             let mount = self.mount_state(&v.staging_path);
-            let process = v.pid != 0 && is_mount_process(v.pid, &v.staging_path);
+            // The process serving it now names itself in the recovery dir, with its pid as the
+            // keeper sees it (the keeper may run in another PID namespace: the mount's state,
+            // not that pid, tells whether it is served).
+            let keeper_pid = v
+                .volume_id
+                .parse::<VolumeId>()
+                .ok()
+                .and_then(|id| crate::fs::recovery::serving_pid(&self.state.recovery_dir(&id.file_stem())));
             tracing::info!(
                 volume = %v.volume_id,
                 staging = %v.staging_path.display(),
                 mount = ?mount,
-                process_alive = process,
+                keeper_pid,
                 targets = v.targets.len(),
                 "found a volume staged by an earlier instance"
             );
@@ -563,9 +570,15 @@ impl NodeService {
             )));
         };
         let source = expected_source(&id, Some(&v.mount_args));
-        if !matches!(self.mount_state(&staging), MountState::Healthy(e) if self.is_ours(&e, &source, None)) {
+        let why = match self.mount_state(&staging) {
+            MountState::Healthy(e) if self.is_ours(&e, &source, None) => None,
+            MountState::Healthy(_) => Some("something else is mounted there"),
+            MountState::Dead(_) => Some("its FUSE connection is gone or its mount process does not answer"),
+            MountState::NotMounted => Some("nothing is mounted there"),
+        };
+        if let Some(why) = why {
             return Err(CsiError::FailedPrecondition(format!(
-                "the staging mount of volume {id} at {} is gone (its mount process died; see {}); \
+                "the staging mount of volume {id} at {} is not usable ({why}; see {}); \
                  unstage and stage the volume again",
                 staging.display(),
                 self.state.log_file(&stem).display()

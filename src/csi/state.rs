@@ -23,7 +23,8 @@ pub struct TargetRecord {
 pub struct StagedVolume {
     pub volume_id: String,
     pub staging_path: PathBuf,
-    /// The `s3csi mount` process serving the staging path (0 if unknown).
+    /// The `s3csi mount` process that first served the staging path (0 if unknown), as the keeper
+    /// saw it; the one serving it now writes its pid to `pid` in the volume's recovery directory.
     pub pid: u32,
     /// The mount arguments used, to tell a compatible repeat of NodeStageVolume from a conflict.
     pub mount_args: Vec<String>,

@@ -121,6 +121,14 @@ fn read_records<T: DeserializeOwned>(path: &Path) -> io::Result<Vec<T>> {
     Ok(out)
 }
 
+/// The file in a recovery directory that names the process serving the connection now.
+pub const PID_FILE: &str = "pid";
+
+/// The pid recorded in the recovery directory at `root`, if any.
+pub fn serving_pid(root: &Path) -> Option<u32> {
+    std::fs::read_to_string(root.join(PID_FILE)).ok()?.trim().parse().ok()
+}
+
 /// The recovery directory of one mounted connection.
 #[derive(Debug, Clone)]
 pub struct RecoveryDir {
@@ -186,6 +194,14 @@ impl RecoveryDir {
         Ok((open, journal))
     }
 
+    /// Records `pid` as the process serving the connection now (for operators and the node
+    /// service; a successor replaces it).
+    pub fn write_pid(&self, pid: u32) -> io::Result<()> {
+        let tmp = self.root.join("pid.tmp");
+        std::fs::write(&tmp, format!("{pid}\n"))?;
+        std::fs::rename(&tmp, self.root.join(PID_FILE))
+    }
+
     /// Records the handles a successor opens again.
     pub fn write_handover(&self, handles: &[HandoverHandle]) -> io::Result<()> {
         let tmp = self.root.join("handover.tmp");
@@ -226,6 +242,10 @@ mod tests {
         f.write_all(b"{\"F\":").unwrap();
         let (records, _) = r.inodes().unwrap();
         assert_eq!(records, vec![InodeRecord::N(2, 1, 0, "a\tb\nc".into()), InodeRecord::M(2, 1, "d".into())]);
+        assert_eq!(serving_pid(r.root()), None);
+        r.write_pid(4242).unwrap();
+        r.write_pid(4343).unwrap();
+        assert_eq!(serving_pid(r.root()), Some(4343), "a successor's pid replaces its predecessor's");
         r.clear().unwrap();
         assert_eq!(r.next_generation().unwrap(), 1);
     }

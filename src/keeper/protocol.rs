@@ -138,6 +138,13 @@ pub struct VolumeInfo {
     pub state: VolumeState,
 }
 
+/// A volume's restart and takeover counts, which move with it from keeper to keeper.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Counts {
+    pub restarts: u64,
+    pub takeovers: u64,
+}
+
 /// An answer from the keeper.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
@@ -159,10 +166,14 @@ pub enum Response {
         restarts: u64,
         takeovers: u64,
     },
-    /// Hand-over: the offered volume's mount process has exited (`status` as the OS reports it).
+    /// Hand-over: the offered volume's mount process has exited (`status` as the OS reports it),
+    /// with the volume's counts as they ended (a successor may have started since the offer).
+    /// Keepers that predate the counts here send none; the offer's stand.
     Exited {
         volume: String,
         status: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        counts: Option<Counts>,
     },
     /// Hand-over: every volume was offered; the old keeper now holds nothing.
     Done,
@@ -308,6 +319,12 @@ mod tests {
         assert_eq!(line, r#"{"op":"stop","volume":"v"}"#);
         let r: Response = serde_json::from_str(r#"{"op":"started","pid":42}"#).unwrap();
         assert_eq!(r, Response::Started { pid: 42 });
+        // A keeper of the previous version reports an exit without counts; ours reads it.
+        let r: Response = serde_json::from_str(r#"{"op":"exited","volume":"v","status":"exit status: 0"}"#).unwrap();
+        assert_eq!(r, Response::Exited { volume: "v".into(), status: "exit status: 0".into(), counts: None });
+        let counts = Some(Counts { restarts: 3, takeovers: 1 });
+        let line = serde_json::to_string(&Response::Exited { volume: "v".into(), status: "s".into(), counts }).unwrap();
+        assert_eq!(line, r#"{"op":"exited","volume":"v","status":"s","counts":{"restarts":3,"takeovers":1}}"#);
     }
 
     #[test]

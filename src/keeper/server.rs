@@ -20,7 +20,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use super::policy::{self, CrashHistory, ExitAction, HandoverStep, Intent, OwnerAction, TakeoverStep};
-use super::protocol::{Conn, ErrorKind, Request, Response, VolumeInfo, VolumeSpec, VolumeState};
+use super::protocol::{Conn, Counts, ErrorKind, Request, Response, VolumeInfo, VolumeSpec, VolumeState};
 use super::{KeeperConfig, KeeperError};
 use crate::mount::supervisor::{CHILD_FUSE_FD, MountSupervisor, SpawnError, kill_and_reap, signal};
 
@@ -321,12 +321,13 @@ impl Shared {
                     return self.release(&vol);
                 }
             }
+            // Counted as started: a successor that dies before it serves is a restart too.
+            vol.lock().restarts += 1;
             match self.spawn(&vol, true) {
                 Ok(child) => {
                     let mut st = vol.lock();
                     st.pid = Some(child.id());
                     st.restarting = false;
-                    st.restarts += 1;
                     tracing::info!(volume = vol.name(), pid = child.id(), restarts = st.restarts, "successor serves");
                     // Ended while it started: pass the request on to it.
                     match st.intent {
@@ -463,9 +464,13 @@ impl Shared {
                 vol.wait_unsupervised(KILL_GRACE);
             }
             step = HandoverStep::Released;
-            let status = vol.lock().last_exit.clone().unwrap_or_else(|| "no process".into());
+            let (status, counts) = {
+                let st = vol.lock();
+                let status = st.last_exit.clone().unwrap_or_else(|| "no process".into());
+                (status, Counts { restarts: st.restarts, takeovers: st.takeovers })
+            };
             let confirmed = conn
-                .send(&Response::Exited { volume: name.clone(), status }, None)
+                .send(&Response::Exited { volume: name.clone(), status, counts: Some(counts) }, None)
                 .and_then(|()| conn.recv::<Request>());
             match confirmed {
                 Ok(Some(Request::Confirm { volume })) if volume == name => step = HandoverStep::Confirmed,
@@ -542,11 +547,15 @@ impl Shared {
                             break false;
                         }
                     }
-                    Ok(Some(Response::Exited { volume, status })) => {
+                    Ok(Some(Response::Exited { volume, status, counts })) => {
                         let Some((vol, _)) = pending.take().filter(|(v, _)| v.spec.volume == volume) else {
                             tracing::warn!(volume, "exit report for a volume not offered");
                             break false;
                         };
+                        if let Some(c) = counts {
+                            let mut st = vol.lock();
+                            (st.restarts, st.takeovers) = (c.restarts, c.takeovers);
+                        }
                         tracing::info!(volume = vol.name(), status, "old mount process handed over; starting ours");
                         match self.spawn(&vol, true) {
                             Ok(child) => {

@@ -281,11 +281,15 @@ where
         SdkError::DispatchFailure(_) | SdkError::TimeoutError(_) => {
             return S3Error::Unreachable(format!("{op} s3://{bucket}/{key}: {}", error_chain(&err)));
         }
-        SdkError::ServiceError(se) => (
-            se.raw().status().as_u16(),
-            se.err().code().unwrap_or_default().to_owned(),
-            se.err().message().unwrap_or_default().to_owned(),
-        ),
+        SdkError::ServiceError(se) => {
+            let message = match se.err().message() {
+                Some(m) => m.to_owned(),
+                // No S3 error body (a reply the SDK could not read): say what it found instead.
+                None if se.err().code().is_none() => error_chain(&err),
+                None => String::new(),
+            };
+            (se.raw().status().as_u16(), se.err().code().unwrap_or_default().to_owned(), message)
+        }
         SdkError::ResponseError(re) => {
             (re.raw().status().as_u16(), String::new(), DisplayErrorContext(&err).to_string())
         }

@@ -345,12 +345,31 @@ pub(crate) async fn complete_upload<S: ObjectStore + ?Sized>(
     let Some(expected) = expected else { return Err(err) };
     match store.head_object(key).await {
         Ok(meta) if meta.etag.as_deref().map(|e| e.trim_matches('"')) == Some(expected.as_str()) => {
-            tracing::warn!(
-                key,
-                error = %err,
-                "CompleteMultipartUpload reported an error, but the object has exactly the uploaded parts; \
-                 treating the upload as complete"
-            );
+            if matches!(err, S3Error::Service { status: 200, .. }) {
+                // A success the SDK cannot read (moto, for one, names the reply's root element
+                // `CompleteMultipartUploadResponse`). Said once: it is how the server answers.
+                static SAID: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+                if !SAID.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                    tracing::warn!(
+                        key,
+                        error = %err,
+                        "the S3 server answers CompleteMultipartUpload with HTTP 200 in a form the S3 SDK does \
+                         not accept; every multipart upload is checked with a HEAD instead (said once)"
+                    );
+                } else {
+                    tracing::debug!(
+                        key,
+                        "CompleteMultipartUpload answer unreadable; the HEAD shows the upload complete"
+                    );
+                }
+            } else {
+                tracing::warn!(
+                    key,
+                    error = %err,
+                    "CompleteMultipartUpload reported an error, but the object has exactly the uploaded parts; \
+                     treating the upload as complete"
+                );
+            }
             Ok(meta.etag.unwrap_or_default())
         }
         _ => Err(err),
