@@ -121,11 +121,13 @@ impl<S: ObjectStore> Records<S> {
     }
 
     /// The record of a directory as stored, with the changes still queued here applied.
-    /// `None` when the directory has none (or it cannot be read).
+    /// `None` when the directory has none. A record S3 could not return counts as an empty one:
+    /// it vouches for nothing, so every entry is looked up with a HEAD (taking "no record" would
+    /// show every entry with the mount defaults).
     pub async fn load(&self, dir_key: &str) -> Option<DirRecord> {
         let stored = self.fetch(dir_key).await.unwrap_or_else(|e| {
             tracing::debug!(dir_key, error = %e, "cannot read the directory attribute record; using HEADs");
-            None
+            Some(DirRecord::default())
         });
         let pending = self.pending.lock().unwrap().get(dir_key).cloned();
         match (stored, pending) {
@@ -348,6 +350,18 @@ mod tests {
         }
         assert!(r.pending.lock().unwrap().is_empty());
         assert!(r.failures.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_record_s3_cannot_return_vouches_for_nothing() {
+        let store = Arc::new(FakeStore::new("b"));
+        let r = Records::new(Arc::clone(&store));
+        r.note("d/", "x", Some(entry("e", 1, "7")));
+        r.flush().await;
+        store.fail_gets.store(1, std::sync::atomic::Ordering::Relaxed);
+        let record = r.load("d/").await.expect("not taken for a directory without a record");
+        assert!(record.entries.is_empty(), "{record:?}");
+        assert!(r.load("d/").await.unwrap().file("x", Some("e"), 1, SystemTime::UNIX_EPOCH).is_some());
     }
 
     #[tokio::test]
