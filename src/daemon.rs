@@ -190,9 +190,27 @@ pub fn run_foreground(config: MountConfig, notify_ready: bool) -> anyhow::Result
     };
     // Taken first, so a failure below still closes it when the process exits.
     let device = match config.fuse_fd {
-        Some(fd) => Some(
-            connection::inherited(fd).map_err(|e| anyhow::anyhow!("--fuse-fd {fd} is not an open descriptor: {e}"))?,
-        ),
+        Some(fd) => Some(connection::inherited(fd).map_err(|e| match e.kind() {
+            std::io::ErrorKind::InvalidInput => {
+                anyhow::anyhow!("--fuse-fd {fd}: {e}; pass an open descriptor of /dev/fuse")
+            }
+            _ => anyhow::anyhow!("--fuse-fd {fd} is not an open descriptor: {e}"),
+        })?),
+        None => None,
+    };
+    // Locked before anything is written to it: a second process must never serve the same
+    // connection (two processes answering one kernel connection corrupt its namespace), and a
+    // successor must start from the journals of the process it succeeds.
+    let locked_dir = match &config.recovery_dir {
+        Some(path) => {
+            let opened = if config.takeover {
+                RecoveryDir::open_used(path)
+            } else {
+                RecoveryDir::open(path).map_err(Into::into)
+            };
+            let locked = opened.and_then(|dir| Ok((dir.lock(RECOVERY_LOCK_WAIT)?, dir)));
+            Some(locked.map_err(|e| anyhow::anyhow!("cannot use --recovery-dir {}: {e}", path.display()))?)
+        }
         None => None,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -236,16 +254,14 @@ pub fn run_foreground(config: MountConfig, notify_ready: bool) -> anyhow::Result
     let mut fs = S3Fs::new(Arc::new(store), cache, config.fs.clone()).map_err(|e| {
         anyhow::anyhow!("cannot prepare the staging directory {}: {e}", config.fs.write.staging_dir.display())
     })?;
-    let recovery = match &config.recovery_dir {
-        Some(dir) => {
-            let dir = RecoveryDir::open(dir)
-                .map_err(|e| anyhow::anyhow!("cannot use --recovery-dir {}: {e}", dir.display()))?;
+    let (recovery, _serving_lock) = match locked_dir {
+        Some((lock, dir)) => {
             let found = fs
                 .attach_recovery(&dir, config.takeover)
                 .map_err(|e| anyhow::anyhow!("cannot read or write --recovery-dir {}: {e}", dir.root().display()))?;
-            Some((dir, found))
+            (Some((dir, found)), Some(lock))
         }
-        None => None,
+        None => (None, None),
     };
     let fs = Arc::new(fs);
     {
@@ -416,6 +432,9 @@ pub fn run_foreground(config: MountConfig, notify_ready: bool) -> anyhow::Result
         _ => Err(anyhow::anyhow!("FUSE session thread panicked")),
     }
 }
+
+/// How long a process starting with `--recovery-dir` waits for the lock of one that is exiting.
+const RECOVERY_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
 
 /// How long a hand-over waits for the requests being served to be answered; the successor's
 /// resend covers any still open.

@@ -23,7 +23,7 @@ mod common;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::File;
 use std::io::Write;
-use std::os::fd::IntoRawFd;
+use std::os::fd::{AsRawFd, IntoRawFd};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -1490,6 +1490,7 @@ struct FdHolder {
     child: Child,
     mountpoint: PathBuf,
     log: PathBuf,
+    recovery: PathBuf,
     _dir: tempfile::TempDir,
 }
 
@@ -1501,8 +1502,8 @@ impl FdHolder {
         std::fs::create_dir(&mountpoint).expect("mkdir");
         let recovery = dir.path().join("recovery");
         let log = dir.path().join("mount.log");
-        let args =
-            ["--recovery-dir", recovery.to_str().expect("utf-8"), "--allow-other", "--uid", "1000", "--gid", "1000"];
+        let recovery_arg = recovery.to_str().expect("utf-8").to_owned();
+        let args = ["--recovery-dir", &recovery_arg, "--allow-other", "--uid", "1000", "--gid", "1000"];
         let mount = common::MountCommand::new(server, bucket, &mountpoint, &args).command(true);
         let script = r#"exec 3<>/dev/fuse
 "$@" --fuse-fd 3
@@ -1526,7 +1527,7 @@ while grep -q " $MP " /proc/self/mountinfo; do "$@" --fuse-fd 3 --takeover; done
             });
         }
         let child = cmd.spawn().expect("start the holder");
-        let holder = FdHolder { child, mountpoint, log, _dir: dir };
+        let holder = FdHolder { child, mountpoint, log, recovery, _dir: dir };
         assert!(
             wait_until(Duration::from_secs(30), || is_fuse_mount(&holder.mountpoint)),
             "not mounted:\n{}",
@@ -1577,4 +1578,83 @@ fn a_killed_mount_process_under_a_plain_fd_holder_keeps_its_connection() {
     assert!(!keys.contains(&"held.bin".to_owned()) || server.get(&bucket, "held.bin").is_empty(), "{keys:?}");
     assert_workload_in_s3(&server, &bucket, "wl", 61, &report, &failed);
     assert_no_uploads(&server, &bucket);
+}
+
+/// A duplicate of descriptor `fd` of process `pid` (`pidfd_getfd`), as a second keeper would
+/// hold it.
+fn grab_fd(pid: u32, fd: i32) -> std::os::fd::OwnedFd {
+    use std::os::fd::FromRawFd;
+    // SAFETY: plain syscalls; each returns a new descriptor we own, or -1.
+    unsafe {
+        let pidfd = libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) as i32;
+        assert!(pidfd >= 0, "pidfd_open({pid}): {}", std::io::Error::last_os_error());
+        let pidfd = std::os::fd::OwnedFd::from_raw_fd(pidfd);
+        let got = libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0) as i32;
+        assert!(got >= 0, "pidfd_getfd({pid}, {fd}): {}", std::io::Error::last_os_error());
+        std::os::fd::OwnedFd::from_raw_fd(got)
+    }
+}
+
+/// Mistakes made by hand with `--fuse-fd` and `--takeover` are refused, saying what to fix,
+/// and the process serving the connection is untouched: a second process on a live connection
+/// (two processes answering one connection would corrupt its namespace), a successor given a
+/// recovery directory that is not its predecessor's, a descriptor that is not `/dev/fuse`.
+#[test]
+fn a_live_connection_is_not_taken_by_a_second_process_or_with_a_wrong_recovery_dir() {
+    let server = S3Server::start_faithful();
+    let bucket = server.unique_bucket("refuse");
+    let holder = FdHolder::start(&server, &bucket);
+    let mnt = holder.mountpoint.clone();
+    let path = mnt.join("a.txt");
+    bounded("write a.txt", SYSCALL_LIMIT, move || std::fs::write(path, b"before")).expect("write a.txt");
+    let serving = mount_process(&[holder.child.id()], &mnt);
+    assert!(wait_until(Duration::from_secs(10), || holder.recovery.join("pid").exists()), "{}", holder.log());
+    let fuse = grab_fd(holder.child.id(), 3);
+    let fuse_fd = fuse.as_raw_fd();
+    let run = |mountpoint: &Path, args: &[&str]| {
+        let mut cmd = common::MountCommand::new(&server, &bucket, mountpoint, args).command(true);
+        cmd.stdin(Stdio::null());
+        // SAFETY: dup2 only, between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::dup2(fuse_fd, 3) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let out = common::run_with_timeout(cmd, Duration::from_secs(30));
+        assert!(!out.status.success(), "{args:?} was accepted");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let recovery = holder.recovery.to_str().expect("utf-8");
+
+    let err = run(&mnt, &["--fuse-fd", "3", "--takeover", "--recovery-dir", recovery]);
+    assert!(err.contains(&format!("in use by process {serving}")), "a second process on a live connection: {err}");
+
+    let typo = holder.recovery.with_file_name("recovry");
+    let err = run(&mnt, &["--fuse-fd", "3", "--takeover", "--recovery-dir", typo.to_str().expect("utf-8")]);
+    assert!(err.contains("holds no record of a mounted connection"), "a takeover with another directory: {err}");
+    assert!(!typo.exists(), "a refused takeover creates nothing");
+
+    let elsewhere = holder.recovery.with_file_name("elsewhere");
+    std::fs::create_dir(&elsewhere).expect("mkdir");
+    let err = run(&elsewhere, &["--fuse-fd", "0"]);
+    assert!(err.contains("--fuse-fd 0: it is the character device 1:3, not /dev/fuse"), "stdin as --fuse-fd: {err}");
+
+    assert_eq!(mount_process(&[holder.child.id()], &mnt), serving, "the serving process is untouched");
+    let dir = mnt.clone();
+    let (read, listed) = bounded("use the mount", SYSCALL_LIMIT, move || {
+        std::fs::write(dir.join("b.txt"), b"after").expect("write b.txt");
+        let read = std::fs::read(dir.join("a.txt")).expect("read a.txt");
+        let mut names: Vec<String> = std::fs::read_dir(&dir)
+            .expect("list")
+            .map(|e| e.expect("entry").file_name().into_string().expect("utf-8"))
+            .collect();
+        names.sort();
+        (read, names)
+    });
+    assert_eq!((read.as_slice(), listed), (&b"before"[..], vec!["a.txt".to_owned(), "b.txt".to_owned()]));
+    assert_eq!(server.get(&bucket, "b.txt"), b"after");
+    drop(fuse);
 }

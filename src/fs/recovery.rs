@@ -5,6 +5,9 @@
 //! - `inodes`: a journal of the inode table (appended before the kernel learns of a change).
 //! - `uploads`: multipart uploads started and not yet completed or aborted.
 //! - `handover`: files open for writing at a graceful hand-over, committed, to open again.
+//! - `lock`: locked (`flock`) by the process serving the connection for as long as it lives, so
+//!   a second process never serves the same connection or writes the same journals; the kernel
+//!   drops the lock when the process ends, however it ends.
 //!
 //! Each journal is one JSON value per line; a torn last line (the process died mid-write) is
 //! ignored. The directory is private (0700): it names keys and upload ids.
@@ -129,10 +132,40 @@ pub fn serving_pid(root: &Path) -> Option<u32> {
     std::fs::read_to_string(root.join(PID_FILE)).ok()?.trim().parse().ok()
 }
 
+/// The file a serving process keeps locked.
+const LOCK_FILE: &str = "lock";
+/// The file every process that served the connection wrote first.
+const GENERATION_FILE: &str = "generation";
+
 /// The recovery directory of one mounted connection.
 #[derive(Debug, Clone)]
 pub struct RecoveryDir {
     root: PathBuf,
+}
+
+/// Why a process may not serve with a recovery directory.
+#[derive(Debug, thiserror::Error)]
+pub enum RecoveryDirError {
+    #[error(
+        "it holds no record of a mounted connection (no `{GENERATION_FILE}` file): --takeover needs the \
+         --recovery-dir the previous process of this mount used"
+    )]
+    NotUsed,
+    #[error(
+        "it is in use by process {}, which still serves that connection: a successor may only start \
+         once it has exited (SIGUSR2 makes it hand the connection over and exit)",
+        .0.map_or_else(|| "(pid unknown)".to_owned(), |p| p.to_string())
+    )]
+    InUse(Option<u32>),
+    #[error(transparent)]
+    Io(#[from] io::Error),
+}
+
+/// The lock of the serving process on its recovery directory: held until dropped or the
+/// process ends.
+#[derive(Debug)]
+pub struct ServingLock {
+    _file: File,
 }
 
 impl RecoveryDir {
@@ -142,13 +175,42 @@ impl RecoveryDir {
         Ok(RecoveryDir { root: root.to_path_buf() })
     }
 
+    /// Opens the directory of a connection some process served before (`--takeover`): it must
+    /// exist and hold that process's records; an empty or mistyped directory would serve the
+    /// connection with none of the inodes the kernel knows.
+    pub fn open_used(root: &Path) -> Result<Self, RecoveryDirError> {
+        match std::fs::metadata(root.join(GENERATION_FILE)) {
+            Ok(_) => Ok(RecoveryDir { root: root.to_path_buf() }),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Err(RecoveryDirError::NotUsed),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Locks the directory for this process, waiting up to `wait` for a process that is
+    /// exiting. Fails with [`RecoveryDirError::InUse`] while another process serves.
+    pub fn lock(&self, wait: std::time::Duration) -> Result<ServingLock, RecoveryDirError> {
+        let file =
+            OpenOptions::new().create(true).truncate(false).write(true).mode(0o600).open(self.root.join(LOCK_FILE))?;
+        let deadline = std::time::Instant::now() + wait;
+        loop {
+            match file.try_lock() {
+                Ok(()) => return Ok(ServingLock { _file: file }),
+                Err(std::fs::TryLockError::WouldBlock) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+                Err(std::fs::TryLockError::WouldBlock) => return Err(RecoveryDirError::InUse(serving_pid(&self.root))),
+                Err(std::fs::TryLockError::Error(e)) => return Err(e.into()),
+            }
+        }
+    }
+
     pub fn root(&self) -> &Path {
         &self.root
     }
 
     /// Forgets everything an earlier connection left (a fresh mount).
     pub fn clear(&self) -> io::Result<()> {
-        for name in ["generation", "inodes", "uploads", "handover", "inodes.tmp", "uploads.tmp"] {
+        for name in [GENERATION_FILE, "inodes", "uploads", "handover", "inodes.tmp", "uploads.tmp"] {
             match std::fs::remove_file(self.root.join(name)) {
                 Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
                 _ => {}
@@ -159,7 +221,7 @@ impl RecoveryDir {
 
     /// The next generation (1 for a fresh mount), recorded before it is used.
     pub fn next_generation(&self) -> io::Result<u64> {
-        let path = self.root.join("generation");
+        let path = self.root.join(GENERATION_FILE);
         let current = match std::fs::read_to_string(&path) {
             Ok(s) => s.trim().parse::<u64>().unwrap_or(0),
             Err(e) if e.kind() == io::ErrorKind::NotFound => 0,
@@ -226,6 +288,25 @@ impl RecoveryDir {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn one_process_at_a_time_serves_and_a_takeover_needs_a_used_directory() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("rec");
+        assert!(matches!(RecoveryDir::open_used(&root), Err(RecoveryDirError::NotUsed)));
+        assert!(!root.exists(), "a refused takeover creates nothing");
+        let dir = RecoveryDir::open(&root).unwrap();
+        assert!(matches!(RecoveryDir::open_used(&root), Err(RecoveryDirError::NotUsed)), "created, never served");
+        dir.next_generation().unwrap();
+        dir.write_pid(4242).unwrap();
+        let held = dir.lock(std::time::Duration::ZERO).unwrap();
+        let again = RecoveryDir::open_used(&root).unwrap();
+        let err = again.lock(std::time::Duration::from_millis(100)).unwrap_err();
+        assert!(matches!(err, RecoveryDirError::InUse(Some(4242))), "{err}");
+        assert!(err.to_string().contains("in use by process 4242"), "{err}");
+        drop(held);
+        again.lock(std::time::Duration::ZERO).expect("free once the holder is gone");
+    }
 
     #[test]
     fn journals_replay_and_a_torn_line_is_skipped() {

@@ -11,7 +11,6 @@ use std::path::Path;
 use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
-use aws_config::meta::region::RegionProviderChain;
 use aws_config::retry::RetryConfig;
 use aws_config::timeout::TimeoutConfig;
 use aws_config::{BehaviorVersion, Region};
@@ -59,14 +58,11 @@ pub async fn build_client(cfg: &S3Config) -> Result<Client, S3ClientError> {
         .tls_context(tls_ctx)
         .build_https();
 
-    let region = RegionProviderChain::first_try(cfg.region.clone().map(Region::new))
-        .or_default_provider()
-        .or_else(Region::new(FALLBACK_REGION));
     let mut loader = aws_config::defaults(BehaviorVersion::latest())
         .http_client(http_client)
-        .region(region)
         .retry_config(RetryConfig::standard().with_max_attempts(MAX_ATTEMPTS).with_initial_backoff(INITIAL_BACKOFF))
         .timeout_config(timeout_config(&cfg.timeouts, 0));
+    loader = loader.region(region_chain(cfg.region.as_deref()));
     if let Some(url) = &cfg.endpoint_url {
         loader = loader.endpoint_url(url);
     }
@@ -88,6 +84,18 @@ pub async fn build_client(cfg: &S3Config) -> Result<Client, S3ClientError> {
         .response_checksum_validation(ResponseChecksumValidation::WhenRequired)
         .build();
     Ok(Client::from_conf(s3cfg))
+}
+
+/// The region: `--region`, else `AWS_REGION`/`AWS_DEFAULT_REGION`, else the profile's, else
+/// [`FALLBACK_REGION`]. Instance metadata is not asked: off EC2 it only delays the mount, and
+/// custom endpoints accept any region.
+fn region_chain(flag: Option<&str>) -> aws_config::meta::region::RegionProviderChain {
+    use aws_config::environment::region::EnvironmentVariableRegionProvider;
+    use aws_config::profile::ProfileFileRegionProvider;
+    aws_config::meta::region::RegionProviderChain::first_try(flag.map(|r| Region::new(r.to_owned())))
+        .or_else(EnvironmentVariableRegionProvider::new())
+        .or_else(ProfileFileRegionProvider::new())
+        .or_else(Region::new(FALLBACK_REGION))
 }
 
 /// SDK time limits for a request with a body of `body_bytes` (see [`Timeouts`]): each attempt
@@ -698,5 +706,18 @@ impl ObjectStore for AwsStore {
                 other => Err(other),
             },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_region_flag_wins_and_building_the_chain_needs_no_http_client() {
+        let region = region_chain(Some("eu-west-3")).region().await;
+        assert_eq!(region.as_ref().map(Region::as_ref), Some("eu-west-3"));
+        // Without the flag something is always found (at worst the fallback), with no request.
+        assert!(region_chain(None).region().await.is_some());
     }
 }
