@@ -176,6 +176,32 @@ enum Stop {
 /// Runs a mount in this process until it is unmounted, receives SIGTERM/SIGINT (unmount), or
 /// SIGUSR2 (hand the connection over, with `--fuse-fd` and `--recovery-dir`).
 pub fn run_foreground(config: MountConfig, notify_ready: bool) -> anyhow::Result<()> {
+    // Checked first (and owned, so a failure below still closes it when the process exits). A
+    // fresh mount needs a newly opened /dev/fuse: mounting a descriptor of a live connection
+    // would mount that connection a second time, with this process reading its requests.
+    let device = match config.fuse_fd {
+        Some(fd) => {
+            let device = connection::inherited(fd).map_err(|e| match e.kind() {
+                std::io::ErrorKind::InvalidInput => {
+                    anyhow::anyhow!("--fuse-fd {fd}: {e}; pass an open descriptor of /dev/fuse")
+                }
+                _ => anyhow::anyhow!("--fuse-fd {fd} is not an open descriptor: {e}"),
+            })?;
+            let attached = connection::is_attached(&device).context("cannot poll --fuse-fd")?;
+            if attached && !config.takeover {
+                bail!(
+                    "--fuse-fd {fd} belongs to a connection that is already mounted; a new mount needs a newly \
+                     opened /dev/fuse (to serve that connection, start with --takeover and the --recovery-dir of \
+                     the process that served it)"
+                );
+            }
+            if !attached && config.takeover {
+                bail!("--takeover: --fuse-fd {fd} is a /dev/fuse descriptor of no mounted connection");
+            }
+            Some(device)
+        }
+        None => None,
+    };
     let mountpoint = if config.takeover {
         let path = config
             .mountpoint
@@ -187,16 +213,6 @@ pub fn run_foreground(config: MountConfig, notify_ready: bool) -> anyhow::Result
         path
     } else {
         check_mountpoint(&config.mountpoint)?
-    };
-    // Taken first, so a failure below still closes it when the process exits.
-    let device = match config.fuse_fd {
-        Some(fd) => Some(connection::inherited(fd).map_err(|e| match e.kind() {
-            std::io::ErrorKind::InvalidInput => {
-                anyhow::anyhow!("--fuse-fd {fd}: {e}; pass an open descriptor of /dev/fuse")
-            }
-            _ => anyhow::anyhow!("--fuse-fd {fd} is not an open descriptor: {e}"),
-        })?),
-        None => None,
     };
     // Locked before anything is written to it: a second process must never serve the same
     // connection (two processes answering one kernel connection corrupt its namespace), and a

@@ -1639,6 +1639,10 @@ fn a_live_connection_is_not_taken_by_a_second_process_or_with_a_wrong_recovery_d
 
     let elsewhere = holder.recovery.with_file_name("elsewhere");
     std::fs::create_dir(&elsewhere).expect("mkdir");
+    let other_dir = holder.recovery.with_file_name("other-recovery");
+    let err = run(&elsewhere, &["--fuse-fd", "3", "--recovery-dir", other_dir.to_str().expect("utf-8")]);
+    assert!(err.contains("belongs to a connection that is already mounted"), "a new mount of a live connection: {err}");
+    assert!(!is_mounted(&elsewhere) && !other_dir.exists(), "a refused mount mounts and creates nothing");
     let err = run(&elsewhere, &["--fuse-fd", "0"]);
     assert!(err.contains("--fuse-fd 0: it is the character device 1:3, not /dev/fuse"), "stdin as --fuse-fd: {err}");
 

@@ -133,6 +133,17 @@ pub fn inherited(fd: RawFd) -> io::Result<OwnedFd> {
     Ok(owned)
 }
 
+/// Whether a `/dev/fuse` descriptor belongs to a mounted connection. The kernel answers a poll
+/// of one that does not (opened, never mounted) with `POLLERR` at once.
+pub fn is_attached(device: &OwnedFd) -> io::Result<bool> {
+    let mut pfd = libc::pollfd { fd: device.as_raw_fd(), events: libc::POLLOUT, revents: 0 };
+    // SAFETY: one valid pollfd, no wait.
+    if unsafe { libc::poll(&mut pfd, 1, 0) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(pfd.revents & libc::POLLERR == 0)
+}
+
 /// `/dev/fuse` is the misc character device 10:229 on every Linux system.
 const FUSE_MAJOR: u32 = 10;
 const FUSE_MINOR: u32 = 229;
