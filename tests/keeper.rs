@@ -38,7 +38,8 @@ struct Setup {
 }
 
 /// One line per mount process: `<pid> <inode of fd 3> <args...>`. SIGUSR2 and SIGTERM end it
-/// with status 0, as a real mount process handing over or stopping.
+/// with status 0, as a real mount process handing over or stopping; so does the removal of its
+/// mountpoint with the test's directory, so no stub outlives its test.
 fn setup() -> Setup {
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("log");
@@ -48,7 +49,8 @@ fn setup() -> Setup {
     let body = format!(
         "#!/bin/sh\ntouch \"$3/{FAKE_MOUNT}\"\necho \"$$ $(stat -L -c %i /proc/$$/fd/3) $*\" >> {}\n\
          while [ -e \"$3/{SLOW_START}\" ]; do sleep 0.05; done\n\
-         echo {READY_LINE}\nsleep 600 &\ntrap 'kill $! 2>/dev/null; exit 0' USR2 TERM\nwait $!\n",
+         echo {READY_LINE}\nwhile [ -d \"$3\" ]; do sleep 0.2; done &\n\
+         trap 'kill $! 2>/dev/null; exit 0' USR2 TERM\nwait $!\n",
         log.display()
     );
     // Written by another process: an open write descriptor here could leak into a child forked by
