@@ -1608,7 +1608,8 @@ fn a_live_connection_is_not_taken_by_a_second_process_or_with_a_wrong_recovery_d
     let path = mnt.join("a.txt");
     bounded("write a.txt", SYSCALL_LIMIT, move || std::fs::write(path, b"before")).expect("write a.txt");
     let serving = mount_process(&[holder.child.id()], &mnt);
-    assert!(wait_until(Duration::from_secs(10), || holder.recovery.join("pid").exists()), "{}", holder.log());
+    let pid_file = holder.recovery.join(s3csi::fs::recovery::PID_FILE);
+    assert!(wait_until(Duration::from_secs(10), || pid_file.exists()), "{}", holder.log());
     let fuse = grab_fd(holder.child.id(), 3);
     let fuse_fd = fuse.as_raw_fd();
     let run = |mountpoint: &Path, args: &[&str]| {

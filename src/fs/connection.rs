@@ -9,6 +9,7 @@
 
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -118,15 +119,17 @@ pub fn inherited(fd: RawFd) -> io::Result<OwnedFd> {
     }
     // SAFETY: the fd is open and nothing else in this process owns it (it was inherited).
     let owned = unsafe { OwnedFd::from_raw_fd(fd) };
-    let stat = fstat(&owned)?;
-    let is_fuse = stat.st_mode & libc::S_IFMT == libc::S_IFCHR
-        && libc::major(stat.st_rdev) == FUSE_MAJOR
-        && libc::minor(stat.st_rdev) == FUSE_MINOR;
+    let file = std::fs::File::from(owned);
+    let meta = file.metadata()?;
+    let is_fuse = meta.file_type().is_char_device()
+        && libc::major(meta.rdev()) == FUSE_MAJOR
+        && libc::minor(meta.rdev()) == FUSE_MINOR;
     if !is_fuse {
         // Not closed: it is someone else's descriptor (stdin, a log file).
-        let _ = owned.into_raw_fd();
-        return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("it is {}, not /dev/fuse", describe(&stat))));
+        let _ = file.into_raw_fd();
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("it is {}, not /dev/fuse", describe(&meta))));
     }
+    let owned = OwnedFd::from(file);
     // Not inherited by anything this process starts.
     // SAFETY: F_SETFD on an fd we own.
     unsafe { libc::fcntl(owned.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) };
@@ -148,25 +151,21 @@ pub fn is_attached(device: &OwnedFd) -> io::Result<bool> {
 const FUSE_MAJOR: u32 = 10;
 const FUSE_MINOR: u32 = 229;
 
-fn fstat(fd: &OwnedFd) -> io::Result<libc::stat> {
-    let mut stat = std::mem::MaybeUninit::<libc::stat>::uninit();
-    // SAFETY: fstat writes a whole `struct stat` on success.
-    if unsafe { libc::fstat(fd.as_raw_fd(), stat.as_mut_ptr()) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: initialised by the successful fstat.
-    Ok(unsafe { stat.assume_init() })
-}
-
 /// What kind of file a descriptor is, for an error message.
-fn describe(stat: &libc::stat) -> String {
-    match stat.st_mode & libc::S_IFMT {
-        libc::S_IFCHR => format!("the character device {}:{}", libc::major(stat.st_rdev), libc::minor(stat.st_rdev)),
-        libc::S_IFREG => "a regular file".to_owned(),
-        libc::S_IFDIR => "a directory".to_owned(),
-        libc::S_IFIFO => "a pipe".to_owned(),
-        libc::S_IFSOCK => "a socket".to_owned(),
-        _ => "another kind of file".to_owned(),
+fn describe(meta: &std::fs::Metadata) -> String {
+    let kind = meta.file_type();
+    if kind.is_char_device() {
+        format!("the character device {}:{}", libc::major(meta.rdev()), libc::minor(meta.rdev()))
+    } else if kind.is_file() {
+        "a regular file".to_owned()
+    } else if kind.is_dir() {
+        "a directory".to_owned()
+    } else if kind.is_fifo() {
+        "a pipe".to_owned()
+    } else if kind.is_socket() {
+        "a socket".to_owned()
+    } else {
+        "another kind of file".to_owned()
     }
 }
 

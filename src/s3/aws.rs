@@ -11,6 +11,9 @@ use std::path::Path;
 use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
+use aws_config::environment::region::EnvironmentVariableRegionProvider;
+use aws_config::meta::region::RegionProviderChain;
+use aws_config::profile::ProfileFileRegionProvider;
 use aws_config::retry::RetryConfig;
 use aws_config::timeout::TimeoutConfig;
 use aws_config::{BehaviorVersion, Region};
@@ -60,9 +63,9 @@ pub async fn build_client(cfg: &S3Config) -> Result<Client, S3ClientError> {
 
     let mut loader = aws_config::defaults(BehaviorVersion::latest())
         .http_client(http_client)
+        .region(region_chain(cfg.region.as_deref()))
         .retry_config(RetryConfig::standard().with_max_attempts(MAX_ATTEMPTS).with_initial_backoff(INITIAL_BACKOFF))
         .timeout_config(timeout_config(&cfg.timeouts, 0));
-    loader = loader.region(region_chain(cfg.region.as_deref()));
     if let Some(url) = &cfg.endpoint_url {
         loader = loader.endpoint_url(url);
     }
@@ -89,10 +92,8 @@ pub async fn build_client(cfg: &S3Config) -> Result<Client, S3ClientError> {
 /// The region: `--region`, else `AWS_REGION`/`AWS_DEFAULT_REGION`, else the profile's, else
 /// [`FALLBACK_REGION`]. Instance metadata is not asked: off EC2 it only delays the mount, and
 /// custom endpoints accept any region.
-fn region_chain(flag: Option<&str>) -> aws_config::meta::region::RegionProviderChain {
-    use aws_config::environment::region::EnvironmentVariableRegionProvider;
-    use aws_config::profile::ProfileFileRegionProvider;
-    aws_config::meta::region::RegionProviderChain::first_try(flag.map(|r| Region::new(r.to_owned())))
+fn region_chain(flag: Option<&str>) -> RegionProviderChain {
+    RegionProviderChain::first_try(flag.map(|r| Region::new(r.to_owned())))
         .or_else(EnvironmentVariableRegionProvider::new())
         .or_else(ProfileFileRegionProvider::new())
         .or_else(Region::new(FALLBACK_REGION))
