@@ -230,6 +230,7 @@ pub fn run_foreground(config: MountConfig, notify_ready: bool) -> anyhow::Result
         None => None,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(config.worker_threads.0)
         .enable_all()
         .thread_name("s3csi-worker")
         .build()

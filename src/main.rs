@@ -12,7 +12,7 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 use clap::{Args, Parser, Subcommand};
 use s3csi::config::{
     BucketName, ByteSize, CacheConfig, FsConfig, MemoryCacheSize, MetadataTtl, Mode, MountConfig, Ownership, PartSize,
-    Prefix, S3Config, StallLimit, Timeouts,
+    Prefix, S3Config, StallLimit, Timeouts, WorkerThreads,
 };
 use s3csi::csi::{CsiConfig, ServiceMode};
 use s3csi::daemon;
@@ -202,6 +202,10 @@ struct MountArgs {
     /// at a hand-over (SIGUSR2). Private to one mount.
     #[arg(long, value_name = "DIR", requires = "fuse_fd")]
     recovery_dir: Option<PathBuf>,
+    /// Threads serving FUSE requests and S3 transfers, from 1 to 64 (default: half the CPUs this
+    /// process may use, from 1 to 8).
+    #[arg(long, value_name = "N")]
+    worker_threads: Option<WorkerThreads>,
 }
 
 impl MountArgs {
@@ -264,6 +268,7 @@ impl MountArgs {
             fuse_fd: self.fuse_fd,
             takeover: self.takeover,
             recovery_dir: self.recovery_dir,
+            worker_threads: self.worker_threads.unwrap_or_else(WorkerThreads::for_this_machine),
         })
     }
 }

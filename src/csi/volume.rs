@@ -28,7 +28,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::config::{
-    BucketName, ByteSize, ConfigError, MemoryCacheSize, MetadataTtl, Mode, PartSize, Prefix, StallLimit,
+    BucketName, ByteSize, ConfigError, MemoryCacheSize, MetadataTtl, Mode, PartSize, Prefix, StallLimit, WorkerThreads,
 };
 
 /// Default driver name; domain-style, ending in a letter.
@@ -312,6 +312,7 @@ enum Kind {
     MemoryCacheSize,
     MetadataTtl,
     StallLimit,
+    WorkerThreads,
 }
 
 /// (volume-context key, `s3csi mount` flag, kind). The flag names double as `mountOptions`.
@@ -327,6 +328,7 @@ const VALUE_OPTIONS: &[(&str, &str, Kind)] = &[
     ("writeBufferSize", "write-buffer-size", Kind::Size),
     ("maxStagingSize", "max-staging-size", Kind::Size),
     ("s3Timeout", "s3-timeout", Kind::StallLimit),
+    ("workerThreads", "worker-threads", Kind::WorkerThreads),
 ];
 
 /// Volume-context key: mount only this sub-prefix of the volume.
@@ -364,6 +366,7 @@ fn check_value(key: &str, kind: Kind, v: &str) -> Result<(), String> {
         Kind::MemoryCacheSize => parses::<MemoryCacheSize>(v),
         Kind::MetadataTtl => parses::<MetadataTtl>(v),
         Kind::StallLimit => parses::<StallLimit>(v),
+        Kind::WorkerThreads => parses::<WorkerThreads>(v),
     };
     ok.map_err(|why| format!("invalid value {v:?} for option {key}: {why}"))
 }
@@ -576,6 +579,7 @@ mod tests {
     #[test_case("memoryCacheSize", "memory-cache-size", &["1MiB", "1048575", "0", "2GiB"])]
     #[test_case("metadataTtl", "metadata-ttl", &["0", "0.25", "999999999", "1e9", "-0.5", "inf"])]
     #[test_case("s3Timeout", "s3-timeout", &["3", "86400", "2", "86401", "60.0"])]
+    #[test_case("workerThreads", "worker-threads", &["1", "64", "0", "65", "2.0", "-1"])]
     #[test_case("uid", "uid", &["0", "4294967295", "4294967296", "-1"])]
     #[test_case("fileMode", "file-mode", &["0640", "7777", "10000", "9"])]
     #[test_case("diskCacheSize", "max-cache-size", &["0", "1TiB", "1PiB"])]
